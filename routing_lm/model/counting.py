@@ -1,0 +1,61 @@
+"""Parameter and FLOP counts (paper_spec.md sections 1 and 3; finegrained_spec.md
+sections 1 and 5). All counts exclude embeddings, the output layer and norms
+(Kaplan et al.); rotary positions have no parameters.
+
+    attention per block   4 d^2                    (q, k, v, o with heads x head size = d)
+    FFW per block         2 d d_ff                 (one expert's worth when routed)
+    n_params  (N)         L (4 d^2 + 2 d d_ff)     the dense-equivalent size (paper's N)
+    total_params (P)      N + n_routed ((E-1) 2 d d_ff + E G d)   experts + router
+    active_params_nonemb  N + n_routed (K-1) 2 d d_ff             what one token uses
+    total_params_nonemb   P - router params                       (Krajewski's N)
+    router_params         n_routed E G d
+    flops_per_token (F)   2 active + 2 n_routed d E G + 2 L S d   forward, with attention
+                          scores (Kaplan's 2 n_layer n_ctx d_attn) and the router matmul
+    train_flops_per_token 6 active + 14 n_routed d E G           (finegrained Eq. 10)
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import ml_collections
+
+from routing_lm.model.transformer import routed_layer_indices
+
+
+@dataclasses.dataclass(frozen=True)
+class Counts:
+  n_params: int
+  total_params: int
+  active_params_nonemb: int
+  total_params_nonemb: int
+  router_params: int
+  embedding_params: int
+  flops_per_token: int
+  train_flops_per_token: int
+  num_routed_layers: int
+
+  def as_dict(self) -> dict[str, int]:
+    return dataclasses.asdict(self)
+
+
+def count(m: ml_collections.ConfigDict, seq_len: int) -> Counts:
+  """Counts for the model config `m` at sequence length `seq_len`."""
+  r = m.routing
+  d, f, layers = m.d_model, m.d_ff, m.num_layers
+  e, k, g = r.num_experts, r.top_k, r.granularity
+  n_routed = len(routed_layer_indices(layers, r.routing_frequency, e))
+  ffw = 2 * d * f
+  n = layers * (4 * d * d + ffw)
+  router = n_routed * e * g * d
+  experts_extra = n_routed * (e - 1) * ffw
+  active = n + n_routed * (k - 1) * ffw
+  return Counts(
+      n_params=n,
+      total_params=n + experts_extra + router,
+      active_params_nonemb=active,
+      total_params_nonemb=n + experts_extra,
+      router_params=router,
+      embedding_params=2 * m.vocab_size * d,
+      flops_per_token=2 * active + 2 * router + 2 * layers * seq_len * d,
+      train_flops_per_token=6 * active + 14 * router,
+      num_routed_layers=n_routed)

@@ -1,0 +1,165 @@
+"""A decoder-only Transformer whose every R-th FFW is routed (paper_spec.md section 3).
+
+    tokens [B, S] -> embed -> L x Block -> RMSNorm -> unembed -> logits [B, S, V]
+    Block: h += Attention(RMSNorm(h)); h += FFW(RMSNorm(h)), FFW dense or RoutedFFW
+
+Choices (documented in README "Design"): pre-norm RMSNorm; rotary positions (no
+position parameters, so N counts attention + FFW weights only); GELU FFW with
+d_ff = 4 d_model; untied output layer; no biases. Parameters carry logical axis names
+(`parallel.RULES` maps them to the mesh).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from routing_lm import parallel
+from routing_lm.model.routed_ffw import DTYPES, RoutedFFW, gelu
+
+
+def routed_layer_indices(num_layers: int, routing_frequency: float,
+                         num_experts: int) -> list[int]:
+  """Blocks whose FFW is routed: evenly spaced, a fraction R of them, the last one included.
+
+  R = 0.5 -> blocks 1, 3, 5, ... (every other, as GShard/Switch); R = 1 -> all; E = 1 -> none.
+  """
+  if num_experts == 1:
+    return []
+  r = routing_frequency
+  return [i for i in range(num_layers) if int((i + 1) * r + 1e-9) > int(i * r + 1e-9)]
+
+
+class RMSNorm(nnx.Module):
+  def __init__(self, d: int, *, rngs: nnx.Rngs):
+    self.scale = nnx.Param(jnp.ones((d,), jnp.float32), out_sharding=("embed",))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + 1e-6)
+    return (y * self.scale[...]).astype(x.dtype)
+
+
+def rotary(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
+  """Rotary position embedding of x [B, S, H, D] at positions [B, S]."""
+  half = x.shape[-1] // 2
+  freq = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  angle = positions[..., None, None].astype(jnp.float32) * freq          # [B, S, 1, D/2]
+  sin, cos = jnp.sin(angle), jnp.cos(angle)
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+  """Causal multi-head self-attention; packed sequences attend within their segment."""
+
+  def __init__(self, m: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+    d, h = m.d_model, m.num_heads
+    k = d // h
+    pd = DTYPES[m.param_dtype]
+    init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
+                                             in_axis=0, out_axis=(1, 2))
+    out_init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
+                                                 in_axis=(0, 1), out_axis=2)
+    qkv_axes = ("embed", "heads", "kv")
+    self.q = nnx.Param(init(rngs.params(), (d, h, k), pd), out_sharding=qkv_axes)
+    self.k = nnx.Param(init(rngs.params(), (d, h, k), pd), out_sharding=qkv_axes)
+    self.v = nnx.Param(init(rngs.params(), (d, h, k), pd), out_sharding=qkv_axes)
+    self.o = nnx.Param(out_init(rngs.params(), (h, k, d), pd), out_sharding=("heads", "kv", "embed"))
+    self.rope_base = m.rope_base
+
+  def __call__(self, x: jax.Array, segment_ids: jax.Array, positions: jax.Array) -> jax.Array:
+    """x [B, S, d] -> [B, S, d]."""
+    proj = lambda w: jnp.einsum("bsd,dhk->bshk", x, w[...].astype(x.dtype))
+    q = rotary(proj(self.q), positions, self.rope_base)
+    k = rotary(proj(self.k), positions, self.rope_base)
+    v = proj(self.v)
+    s = x.shape[1]
+    causal = jnp.tril(jnp.ones((s, s), bool))
+    mask = causal[None] & (segment_ids[:, :, None] == segment_ids[:, None, :])
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None])        # [B, S, H, D]
+    return jnp.einsum("bshk,hkd->bsd", out, self.o[...].astype(x.dtype))
+
+
+class DenseFFW(nnx.Module):
+  """wi [d_model, d_ff], wo [d_ff, d_model], GELU."""
+
+  def __init__(self, m: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+    init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
+    pd = DTYPES[m.param_dtype]
+    self.wi = nnx.Param(init(rngs.params(), (m.d_model, m.d_ff), pd), out_sharding=("embed", "mlp"))
+    self.wo = nnx.Param(init(rngs.params(), (m.d_ff, m.d_model), pd), out_sharding=("mlp", "embed"))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    h = gelu(x @ self.wi[...].astype(x.dtype))
+    return h @ self.wo[...].astype(x.dtype)
+
+
+class Block(nnx.Module):
+  def __init__(self, m: ml_collections.ConfigDict, routed: bool, *, rngs: nnx.Rngs):
+    self.attn_norm = RMSNorm(m.d_model, rngs=rngs)
+    self.attn = Attention(m, rngs=rngs)
+    self.ffw_norm = RMSNorm(m.d_model, rngs=rngs)
+    self.ffw = RoutedFFW(m, rngs=rngs) if routed else DenseFFW(m, rngs=rngs)
+    self.routed = routed
+
+  def __call__(self, h, token_ids, segment_ids, positions, train, rng):
+    h = h + self.attn(self.attn_norm(h), segment_ids, positions)
+    h = parallel.constrain(h, ("batch", "length", "embed"))
+    x = self.ffw_norm(h)
+    if self.routed:
+      y, aux = self.ffw(x, token_ids, train=train, rng=rng)
+    else:
+      y, aux = self.ffw(x), None
+    return parallel.constrain(h + y, ("batch", "length", "embed")), aux
+
+
+class Transformer(nnx.Module):
+  """The language model. `__call__` returns logits [B, S, V] (float32) and, for each
+  routed block, a dict {aux_losses, metrics, log_probs}."""
+
+  def __init__(self, m: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+    pd = DTYPES[m.param_dtype]
+    self.dtype = DTYPES[m.dtype]
+    self.routed = routed_layer_indices(m.num_layers, m.routing.routing_frequency,
+                                       m.routing.num_experts)
+    self.embed = nnx.Param(nnx.initializers.normal(1.0)(rngs.params(), (m.vocab_size, m.d_model), pd),
+                           out_sharding=("vocab", "embed"))
+    self.blocks = nnx.List([Block(m, i in self.routed, rngs=rngs) for i in range(m.num_layers)])
+    self.final_norm = RMSNorm(m.d_model, rngs=rngs)
+    init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
+    self.unembed = nnx.Param(init(rngs.params(), (m.d_model, m.vocab_size), pd),
+                             out_sharding=("embed", "vocab"))
+    self.remat = m.remat
+
+  def __call__(self, tokens: jax.Array, *, segment_ids: jax.Array | None = None,
+               positions: jax.Array | None = None, train: bool = False,
+               rng: jax.Array | None = None) -> tuple[jax.Array, list[dict[str, Any]]]:
+    """tokens [B, S] int32 -> (logits [B, S, V] float32, [per routed block aux])."""
+    b, s = tokens.shape
+    if segment_ids is None:
+      segment_ids = jnp.ones((b, s), jnp.int32)
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+    rng = jax.random.key(0) if rng is None else rng
+    h = self.embed[...].astype(self.dtype)[tokens]
+    h = parallel.constrain(h, ("batch", "length", "embed"))
+    aux = []
+    for i, block in enumerate(self.blocks):
+      call = nnx.remat(type(block).__call__, static_argnums=(5,)) if self.remat else type(block).__call__
+      h, block_aux = call(block, h, tokens, segment_ids, positions, train,
+                          jax.random.fold_in(rng, i))
+      if block_aux is not None:
+        aux.append(block_aux)
+    h = self.final_norm(h)
+    logits = jnp.einsum("bsd,dv->bsv", h, self.unembed[...].astype(h.dtype))
+    return logits.astype(jnp.float32), aux
+
+
+def build(m: ml_collections.ConfigDict, seed: int = 0) -> Transformer:
+  """Builds the model on the host without sharding (see `parallel` for sharded creation)."""
+  with nnx.use_eager_sharding(False):
+    return Transformer(m, rngs=nnx.Rngs(params=seed))

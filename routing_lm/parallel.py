@@ -1,0 +1,139 @@
+"""Meshes, THE table of logical-axis rules, and sharding helpers (ZeRO-1 included).
+
+The model only names axes (`batch`, `embed`, `mlp`, `heads`, `expert`, ...); this module
+alone maps those names onto the (data, expert, model) mesh. On one device every helper is
+a no-op, so the same code runs from 1 CPU to a pod slice.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import jax
+import ml_collections
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+from routing_lm.config import ConfigError
+
+MESH_AXES = ("data", "expert", "model")
+
+# Logical axis -> mesh axes. Tokens are split over data x expert devices (expert devices
+# process data too, as in GShard); the dispatch buffer's expert axis moves to `expert`
+# (XLA lowers the change to an all-to-all); matmuls split over `model`.
+RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", ("data", "expert")),
+    ("group", ("data", "expert")),      # token groups routed independently
+    ("expert_group", "data"),           # token groups once experts own the `expert` axis
+    ("expert", "expert"),
+    ("length", None),
+    ("embed", None),
+    ("mlp", "model"),
+    ("heads", "model"),
+    ("kv", None),
+    ("vocab", "model"),
+    ("layers", None),
+)
+_RULES = dict(RULES)
+
+
+def logical_to_spec(axes: Sequence[str | None]) -> P:
+  """Logical names -> PartitionSpec via RULES (unknown or None names are replicated)."""
+  return P(*(_RULES.get(a) if a is not None else None for a in axes))
+
+
+def _active_mesh():
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh is None or mesh.empty or math.prod(mesh.axis_sizes) == 1:
+    return None
+  return mesh
+
+
+def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
+  """Sharding constraint by logical names; a no-op without a multi-device mesh."""
+  if _active_mesh() is None:
+    return x
+  return jax.lax.with_sharding_constraint(x, logical_to_spec(axes))
+
+
+def make_mesh(mesh_cfg: ml_collections.ConfigDict,
+              devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
+  """A (data, expert, model) mesh with Auto axes; one -1 entry takes the remaining devices."""
+  devices = list(jax.devices() if devices is None else devices)
+  shape = [int(mesh_cfg[a]) for a in MESH_AXES]
+  for axis, size in zip(MESH_AXES, shape):
+    if size == 0 or size < -1:
+      raise ConfigError(f"config.mesh.{axis}={size} is invalid: a positive size, or -1 for "
+                        "'the remaining devices'.")
+  if shape.count(-1) > 1:
+    raise ConfigError(f"config.mesh={dict(zip(MESH_AXES, shape))} has more than one -1; "
+                      "at most one axis can take the remaining devices.")
+  known = math.prod(s for s in shape if s != -1)
+  if -1 in shape:
+    if len(devices) % known:
+      raise ConfigError(f"config.mesh={dict(zip(MESH_AXES, shape))}: the fixed axes ({known}) "
+                        f"do not divide the {len(devices)} devices; make them divide it.")
+    shape[shape.index(-1)] = len(devices) // known
+  if math.prod(shape) != len(devices):
+    raise ConfigError(f"config.mesh={dict(zip(MESH_AXES, shape))} needs {math.prod(shape)} "
+                      f"devices but {len(devices)} are present; make data*expert*model = "
+                      f"{len(devices)} or set one axis to -1.")
+  return jax.make_mesh(tuple(shape), MESH_AXES, axis_types=(AxisType.Auto,) * 3,
+                       devices=devices)
+
+
+def validate_mesh(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
+  """Checks that the model and batch split evenly over the mesh; errors say how to fix."""
+  r, m = config.model.routing, config.model
+  groups = mesh.shape["data"] * mesh.shape["expert"]
+  experts = r.num_experts * r.granularity
+  if r.num_experts > 1 and experts % mesh.shape["expert"]:
+    raise ConfigError(f"config.model.routing.num_experts={r.num_experts} (x granularity "
+                      f"{r.granularity}) is not divisible by mesh.expert={mesh.shape['expert']}; "
+                      "choose an expert count that is a multiple of the expert axis.")
+  if config.data.batch_size % groups:
+    raise ConfigError(f"config.data.batch_size={config.data.batch_size} is not divisible by "
+                      f"mesh.data x mesh.expert = {groups}; use a multiple of {groups}.")
+  if r.num_experts > 1 and r.num_groups % groups:
+    raise ConfigError(f"config.model.routing.num_groups={r.num_groups} must be a multiple of "
+                      f"mesh.data x mesh.expert = {groups} (token groups follow the devices).")
+  for field, size in (("num_heads", m.num_heads), ("d_ff", m.d_ff // r.granularity),
+                      ("vocab_size", m.vocab_size)):
+    if size % mesh.shape["model"]:
+      raise ConfigError(f"config.model.{field}={getattr(m, field)} does not split over "
+                        f"mesh.model={mesh.shape['model']}; use a multiple of it.")
+  if r.num_experts > 1 and r.capacity_factor is None and mesh.shape["expert"] > 1:
+    raise ConfigError("config.model.routing.capacity_factor=None (dropless) is not supported "
+                      "with mesh.expert > 1 (ragged all-to-all does not run on every backend); "
+                      "set a capacity factor, e.g. 2.0.")
+
+
+def mesh_shardings(mesh: jax.sharding.Mesh, logical_specs: Any) -> Any:
+  """A tree of logical PartitionSpecs (nnx.get_partition_spec) -> NamedShardings on `mesh`."""
+  return jax.tree.map(lambda spec: NamedSharding(mesh, logical_to_spec(tuple(spec))),
+                      logical_specs, is_leaf=lambda x: isinstance(x, P))
+
+
+def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
+  """Batches [batch, seq] are split over data x expert devices."""
+  return NamedSharding(mesh, logical_to_spec(("batch", "length")))
+
+
+def add_data_axis(sharding: NamedSharding, shape: Sequence[int]) -> NamedSharding:
+  """ZeRO-1: also split over `data` on the first dimension where it divides evenly.
+
+  The optimizer state of a parameter keeps the parameter's sharding plus `data`; the
+  parameter itself stays replicated over `data` (MaxText's rule).
+  """
+  mesh = sharding.mesh
+  n_data = mesh.shape["data"]
+  spec = list(sharding.spec) + [None] * (len(shape) - len(sharding.spec))
+  used = {a for s in spec if s is not None for a in (s if isinstance(s, tuple) else (s,))}
+  if n_data == 1 or "data" in used:
+    return sharding
+  for i, (dim, s) in enumerate(zip(shape, spec)):
+    axes = () if s is None else (s if isinstance(s, tuple) else (s,))
+    split = math.prod(mesh.shape[a] for a in axes)
+    if dim % (split * n_data) == 0:
+      spec[i] = ("data",) + axes if axes else "data"
+      return NamedSharding(mesh, P(*spec))
+  return sharding

@@ -1,0 +1,65 @@
+"""RL-R: routing as a policy trained with REINFORCE (paper_spec.md section 4.3).
+
+The router is a policy pi(e | x) = softmax(W stop_gradient(x)). Training samples one
+expert per token; evaluation takes the argmax. The combine weight is pi(e | x) with its
+gradient stopped (`rlr.scale_output`; 1.0 when off), so the language-model loss never
+reaches the router's parameters. Instead the loss (`train.py`, the one place that builds
+the differentiated scalar) adds the REINFORCE surrogate
+
+    reinforce_coef * mean_t[ -stop_gradient(r_t - b_t) * log pi(e_t | x_t) ]
+
+with reward r_t = -(token t's next-token NLL) and the leave-one-out baseline
+b_t = mean of the other tokens' rewards (unbiased: b_t does not depend on e_t). The
+router also gets an entropy bonus and a Switch-style balance term on pi, as aux losses.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from routing_lm.routers import base
+from routing_lm.routers.topk import balance_loss
+
+
+def reinforce_surrogate(log_probs: jax.Array, rewards: jax.Array) -> jax.Array:
+  """Policy-gradient surrogate for log_probs [T, 1] and rewards [T], leave-one-out baseline.
+
+  Its gradient is an unbiased estimate of -grad E[r]; its value is not meaningful.
+  """
+  r = jax.lax.stop_gradient(rewards.astype(jnp.float32))
+  n = r.shape[0]
+  baseline = (jnp.sum(r) - r) / jnp.maximum(n - 1, 1)
+  return -jnp.mean((r - baseline) * log_probs[:, 0])
+
+
+class RLRRouter(base.Router):
+  """RL-R: a softmax policy over experts, sampled in training, trained by REINFORCE."""
+
+  max_top_k = 1
+
+  def __init__(self, d_model: int, num_experts: int, top_k: int, vocab_size: int,
+               cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+    super().__init__(d_model, num_experts, top_k, vocab_size, cfg, rngs=rngs)
+    self.w = base.router_weight(d_model, num_experts, rngs)
+    self.entropy_coef = float(cfg.entropy_coef)
+    self.balance_coef = float(cfg.balance_coef)
+    self.scale_output = bool(cfg.scale_output)
+
+  def __call__(self, x, token_ids, *, train, rng):
+    logits = base.router_logits(jax.lax.stop_gradient(x), self.w)      # [T, E]
+    log_pi = jax.nn.log_softmax(logits, axis=-1)
+    probs = jnp.exp(log_pi)
+    if train:
+      ids = jax.random.categorical(rng, logits, axis=-1)[:, None]
+    else:
+      ids = jnp.argmax(logits, axis=-1)[:, None]
+    ids = ids.astype(jnp.int32)
+    log_probs = base.take(log_pi, ids)                                  # [T, 1]
+    weights = (jax.lax.stop_gradient(jnp.exp(log_probs)) if self.scale_output
+               else jnp.ones(ids.shape, jnp.float32))
+    metrics = base.routing_metrics(ids, self.num_experts, probs)
+    aux = {"entropy_bonus": -self.entropy_coef * metrics["entropy"],
+           "balance": self.balance_coef * balance_loss(probs, ids)}
+    return base.Routing(ids, weights, aux, metrics, log_probs=log_probs)

