@@ -41,7 +41,7 @@ def get_config() -> ml_collections.ConfigDict:
       sinkhorn_iters=30, temperature=0.1, balance_rounds=8, scope="group"))
   r.hash = ml_collections.ConfigDict(dict(method="balanced", seed=42))
   r.rlr = ml_collections.ConfigDict(dict(
-      entropy_coef=0.01, balance_coef=0.01, baseline_decay=0.99, scale_output=True,
+      entropy_coef=0.01, balance_coef=0.01, scale_output=True,
       reinforce_coef=1.0))
   r.topk = ml_collections.ConfigDict(dict(balance_coef=0.01, z_loss_coef=0.001))
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 
 from absl import app, flags
@@ -28,12 +27,22 @@ CONFIG = config_flags.DEFINE_config_file("config", None, "A config file, e.g. "
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def initialize_distributed() -> None:
-  """`jax.distributed.initialize()` on multi-host TPU slices (auto-detected); no-op elsewhere."""
+DISTRIBUTED = flags.DEFINE_enum(
+    "distributed", "auto", ["auto", "on", "off"],
+    "jax.distributed.initialize() before anything else: 'auto' when JAX detects a cluster "
+    "(Cloud TPU slices, Slurm, Kubernetes), 'on' always (errors surface), 'off' never.")
+
+
+def initialize_distributed(mode: str) -> None:
+  """Joins the multi-host job on TPU pod slices; a no-op on one machine."""
   import jax
-  if os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0 or os.environ.get(
-      "ROUTING_LM_DISTRIBUTED") == "1":
+  if mode == "off":
+    return
+  try:
     jax.distributed.initialize()
+  except ValueError:   # no cluster detected (a laptop, one CPU or GPU box)
+    if mode == "on":
+      raise
 
 
 def quiet_libraries() -> None:
@@ -46,7 +55,7 @@ def main(argv: list[str]) -> None:
   del argv
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
   quiet_libraries()
-  initialize_distributed()
+  initialize_distributed(DISTRIBUTED.value)
   from routing_lm import train
   from routing_lm.checkpoint import CheckpointError
   from routing_lm.config import ConfigError

@@ -128,7 +128,9 @@ def setup(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = No
   replicated = jax.sharding.NamedSharding(mesh, jax.P())
   if config.train.zero1:
     opt_sh = optax.tree_map_params(
-        tx, lambda leaf, sh: parallel.add_data_axis(sh, leaf.shape), abs_opt, param_sh,
+        # sh is an nnx.Param holding a NamedSharding: map inside it to keep the wrapper.
+        tx, lambda leaf, sh: jax.tree.map(lambda x: parallel.add_data_axis(x, leaf.shape), sh),
+        abs_opt, param_sh,
         transform_non_params=lambda _: replicated,
         is_leaf=lambda x: isinstance(x, nnx.Variable))
   else:
@@ -256,9 +258,13 @@ def flatten_metrics(metrics: dict[str, Any], routed_layers: list[int]) -> dict[s
   return {k: float(v) for k, v in flat.items()}
 
 
-def train(config: ml_collections.ConfigDict, workdir: str,
-          pipeline: Any | None = None) -> dict[str, Any]:
-  """Trains (resuming from the workdir's latest checkpoint), evaluates, writes summary.json."""
+def train(config: ml_collections.ConfigDict, workdir: str, pipeline: Any | None = None,
+          stop_at: int | None = None) -> dict[str, Any]:
+  """Trains (resuming from the workdir's latest checkpoint), evaluates, writes summary.json.
+
+  `stop_at` ends this invocation after that step with a checkpoint, as a preemption
+  would (the schedule still spans `train.num_steps`); rerunning resumes.
+  """
   from routing_lm import data as data_lib
   start_time = time.time()
   s = setup(config)
@@ -288,7 +294,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   history: list[float] = []
   batches: Iterator = pipe.train_batches(start)
   with _StopRequested() as stop:
-    for step in range(start, t.num_steps):
+    for step in range(start, min(t.num_steps, stop_at or t.num_steps)):
       with jax.set_mesh(s.mesh):
         state, metrics = train_step(state, to_global(s, next(batches)))
       done = step + 1
@@ -306,7 +312,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
         val = evaluate(s, eval_step, state, val_batches)
         writer.write(done, val)
         progress.note(f"step {done}: val_loss {val['val_loss']:.4f}")
-      ckpt.maybe_save(done, state, force=done == t.num_steps)
+      ckpt.maybe_save(done, state, force=done in (t.num_steps, stop_at))
       if stop.signum is not None:
         ckpt.save_now(done, state)
         progress.note(f"signal {stop.signum}: saved step {done}; rerun the same command to resume")
@@ -314,6 +320,10 @@ def train(config: ml_collections.ConfigDict, workdir: str,
         ckpt.close()
         raise SystemExit(128 + stop.signum)
   progress.close()
+  if int(state["step"]) < t.num_steps:      # stopped early (stop_at): resumable, no summary
+    writer.close()
+    ckpt.close()
+    return {"steps": int(state["step"]), "train_loss": train_loss, "finished": False}
   val = evaluate(s, eval_step, state, val_batches)
   smoothed = float(np.mean(history[-max(1, len(history) // 10):])) if history else float("nan")
   summary = {"config": json.loads(config.to_json()), **counts.as_dict(),

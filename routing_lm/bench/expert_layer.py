@@ -1,0 +1,227 @@
+"""Forward+backward time of the routed FFW against the dense FFW at the same N.
+
+    python -m routing_lm.bench.expert_layer                  # E in {1, 8, 64, 512}
+    python -m routing_lm.bench.expert_layer --granularity    # E = 8, G in {1, 2, 4, 8, 16}
+    python -m routing_lm.bench.expert_layer --breakdown      # where the routed time goes
+
+Each layer is jitted and compiled once; one warm-up call, then the median of `--runs`
+timed calls, each ending in `block_until_ready` on every output (the loss, the input
+gradient and every parameter gradient). The routed FFW runs in training mode (capacity
+factor `--capacity_factor`, 1.0 by default) with the `uniform` router (no router
+parameters: dispatch cost alone) and with `sbase` (the paper's router: router matmul,
+Sinkhorn and balanced assignment included).
+
+The same run measures this machine (../shared/benchmarks.md): peak matmul FLOP/s (a
+square matmul) and memory bandwidth (a large array copy), and prints for every layer
+
+    bound = max(train FLOPs incl. router / peak, 3 * parameter bytes / bandwidth)
+
+(parameters read forward and backward, gradients written) and time / bound next to the
+raw routed / dense ratio. The last line is `routed_over_dense_E64=.. E512_over_E8=..`
+(uniform router), or `G8_over_G1=.. G16_over_G1=..` with `--granularity`.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from configs import base
+from routing_lm.model import dispatch
+from routing_lm.model.routed_ffw import RoutedFFW
+from routing_lm.model.transformer import DenseFFW
+
+
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(prog="python -m routing_lm.bench.expert_layer",
+                              description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--tokens", type=int, default=32_768)
+  p.add_argument("--d_model", type=int, default=256)
+  p.add_argument("--d_ff", type=int, default=1024)
+  p.add_argument("--experts", default="1,8,64,512", help="comma-separated E (no --granularity)")
+  p.add_argument("--granularity", action="store_true",
+                 help="E fixed (--gran_experts), G in --gran_values, fixed active parameters")
+  p.add_argument("--gran_experts", type=int, default=8)
+  p.add_argument("--gran_values", default="1,2,4,8,16")
+  p.add_argument("--routers", default="uniform,sbase")
+  p.add_argument("--capacity_factor", type=float, default=1.0)
+  p.add_argument("--runs", type=int, default=3, help="timed runs (median) after a warm-up")
+  p.add_argument("--breakdown", action="store_true",
+                 help="also time router, plan (sort), gathers and expert einsums alone")
+  return p.parse_args(argv)
+
+
+def time_fn(fn: Callable[..., Any], *args, runs: int) -> float:
+  """Median seconds of `runs` calls of the compiled `fn` after one warm-up call."""
+  compiled = jax.jit(fn).lower(*args).compile()
+  jax.block_until_ready(compiled(*args))
+  times = []
+  for _ in range(runs):
+    start = time.perf_counter()
+    jax.block_until_ready(compiled(*args))
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def machine(runs: int) -> tuple[float, float]:
+  """(peak matmul FLOP/s, memory bandwidth bytes/s) of the default device, float32."""
+  n = 2048
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+  t = time_fn(lambda a: a @ a, a, runs=max(runs, 5))
+  peak = 2 * n ** 3 / t
+  x = jax.random.normal(jax.random.key(1), (64 * 2 ** 20,), jnp.float32)    # 256 MiB
+  t = time_fn(lambda x: x + 1.0, x, runs=max(runs, 5))
+  bandwidth = 2 * x.nbytes / t                                                # read + write
+  return peak, bandwidth
+
+
+def model_config(args: argparse.Namespace, router: str, num_experts: int, granularity: int):
+  m = base.get_config().model
+  m.d_model, m.d_ff, m.dtype, m.param_dtype = args.d_model, args.d_ff, "float32", "float32"
+  r = m.routing
+  r.router, r.num_experts, r.granularity, r.top_k = router, num_experts, granularity, 1
+  r.capacity_factor = args.capacity_factor
+  return m
+
+
+def train_step_fn(layer: nnx.Module, routed: bool) -> tuple[Callable, tuple]:
+  """A function (params, rest, x, rng) -> (loss, grads wrt params and x) for the layer."""
+  graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
+
+  def loss(params, rest, x, rng):
+    mod = nnx.merge(graphdef, params, rest)
+    if routed:
+      y, aux = mod(x, jnp.zeros(x.shape[:2], jnp.int32), train=True, rng=rng)
+      extra = sum(aux["aux_losses"].values(), jnp.zeros(()))
+    else:
+      y, extra = mod(x), 0.0
+    return jnp.mean(y.astype(jnp.float32) ** 2) + extra
+
+  def step(params, rest, x, rng):
+    return jax.value_and_grad(loss, argnums=(0, 2))(params, rest, x, rng)
+
+  return step, (params, rest)
+
+
+def n_params(tree) -> int:
+  return sum(a.size for a in jax.tree.leaves(tree))
+
+
+def train_flops(args: argparse.Namespace, router_params: int) -> float:
+  """Forward+backward FLOPs: 3x forward matmuls (experts at the active size, router)."""
+  t, d, f = args.tokens, args.d_model, args.d_ff
+  return 3.0 * (4 * t * d * f + 2 * t * router_params)
+
+
+def measure_layer(args, layer, routed: bool, x, peak, bandwidth):
+  step, (params, rest) = train_step_fn(layer, routed)
+  seconds = time_fn(step, params, rest, x, jax.random.key(0), runs=args.runs)
+  router = n_params(nnx.state(layer.router, nnx.Param)) if routed else 0
+  flops = train_flops(args, router)
+  param_bytes = sum(a.nbytes for a in jax.tree.leaves(params))
+  bound = max(flops / peak, 3 * param_bytes / bandwidth)
+  return seconds, bound
+
+
+def breakdown(args, m, x) -> None:
+  """Forward+backward of the routed FFW's pieces alone, in ms."""
+  layer = RoutedFFW(m, rngs=nnx.Rngs(params=0))
+  t, d = args.tokens, args.d_model
+  xs = x.reshape(1, t, d)
+  ids = jnp.zeros((1, t), jnp.int32)
+  e, k = layer.num_experts, layer.top_k
+  cap = dispatch.capacity(t, e, k, args.capacity_factor)
+  routing = layer.route(xs, ids, True, jax.random.key(0))
+  plan = dispatch.plan(routing.expert_ids[0], e, cap)
+  buf = dispatch.gather_in(x, plan)
+  gd, params, rest = nnx.split(layer, nnx.Param, ...)
+
+  def router_fn(params, xs):
+    mod = nnx.merge(gd, params, rest)
+    out = mod.route(xs, ids, True, jax.random.key(0))
+    return jnp.sum(out.weights) + sum(jax.tree.leaves(out.aux_losses), jnp.zeros(()))
+
+  def experts_fn(params, buf):
+    mod = nnx.merge(gd, params, rest)
+    return jnp.mean(mod.experts(buf) ** 2)
+
+  ids_t = routing.expert_ids[0]
+  w = routing.weights[0]
+  pieces = {
+      "router (+grad)": (jax.grad(router_fn, argnums=(0, 1)), (params, xs)),
+      "plan (sort)": (lambda ids: dispatch.plan(ids, e, cap), (ids_t,)),
+      "gather_in (+grad)": (jax.grad(lambda x: jnp.sum(dispatch.gather_in(x, plan) ** 2)), (x,)),
+      "experts (+grad)": (jax.grad(experts_fn, argnums=(0, 1)), (params, buf)),
+      "gather_out (+grad)": (jax.grad(lambda y, w: jnp.sum(dispatch.gather_out(y, plan, w) ** 2),
+                                      argnums=(0, 1)), (buf, w)),
+  }
+  for name, (fn, fargs) in pieces.items():
+    print(f"    {name:<20} {1e3 * time_fn(fn, *fargs, runs=args.runs):9.1f} ms")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  args = _parse(argv)
+  routers = args.routers.split(",")
+  dev = jax.devices()[0]
+  print(f"device: {dev.platform} {dev.device_kind} x{jax.device_count()}, float32, "
+        f"tokens={args.tokens}, d_model={args.d_model}, d_ff={args.d_ff}, top_k=1, "
+        f"capacity_factor={args.capacity_factor}, median of {args.runs} after a warm-up")
+  peak, bandwidth = machine(args.runs)
+  print(f"machine: peak matmul {peak / 1e9:.0f} GFLOP/s, copy bandwidth {bandwidth / 1e9:.1f} GB/s")
+  x = jax.random.normal(jax.random.key(0), (1, args.tokens, args.d_model), jnp.float32)
+  m = model_config(args, "uniform", 1, 1)
+  with nnx.use_eager_sharding(False):
+    dense_s, dense_b = measure_layer(args, DenseFFW(m, rngs=nnx.Rngs(params=0)), False, x,
+                                     peak, bandwidth)
+  print(f"dense FFW: {1e3 * dense_s:.1f} ms (bound {1e3 * dense_b:.1f} ms, "
+        f"time/bound {dense_s / dense_b:.2f})")
+  if args.granularity:
+    points = [(args.gran_experts, int(g)) for g in args.gran_values.split(",")]
+    head = f"{'G':>4} {'experts':>8} {'width':>6}"
+  else:
+    points = [(int(e), 1) for e in args.experts.split(",")]
+    head = f"{'E':>4}"
+  print(f"{head} {'router':>8} {'ms':>9} {'/dense':>7} {'bound ms':>9} {'time/bound':>10} "
+        f"{'(time/bound)/dense':>18}")
+  times: dict[tuple[str, int, int], float] = {}
+  for e, g in points:
+    for router in routers:
+      m = model_config(args, router, e, g)
+      with nnx.use_eager_sharding(False):
+        layer = RoutedFFW(m, rngs=nnx.Rngs(params=0))
+      s, b = measure_layer(args, layer, True, x, peak, bandwidth)
+      times[router, e, g] = s
+      lead = (f"{g:>4} {e * g:>8} {args.d_ff // g:>6}" if args.granularity else f"{e:>4}")
+      print(f"{lead} {router:>8} {1e3 * s:9.1f} {s / dense_s:7.2f} {1e3 * b:9.1f} "
+            f"{s / b:10.2f} {(s / b) / (dense_s / dense_b):18.2f}", flush=True)
+      if args.breakdown:
+        with nnx.use_eager_sharding(False):
+          breakdown(args, m, x[0])
+  r0 = routers[0]
+  if args.granularity:
+    e = args.gran_experts
+    for r in routers[1:]:
+      if (r, e, 8) in times and (r, e, 16) in times:
+        print(f"{r}: G8_over_G1={times[r, e, 8] / times[r, e, 1]:.3f} "
+              f"G16_over_G1={times[r, e, 16] / times[r, e, 1]:.3f}")
+    if (r0, e, 8) in times and (r0, e, 16) in times:
+      print(f"G8_over_G1={times[r0, e, 8] / times[r0, e, 1]:.3f} "
+            f"G16_over_G1={times[r0, e, 16] / times[r0, e, 1]:.3f}")
+  else:
+    for r in routers[1:]:
+      if (r, 64, 1) in times and (r, 512, 1) in times and (r, 8, 1) in times:
+        print(f"{r}: routed_over_dense_E64={times[r, 64, 1] / dense_s:.3f} "
+              f"E512_over_E8={times[r, 512, 1] / times[r, 8, 1]:.3f}")
+    if (r0, 64, 1) in times and (r0, 512, 1) in times and (r0, 8, 1) in times:
+      print(f"routed_over_dense_E64={times[r0, 64, 1] / dense_s:.3f} "
+            f"E512_over_E8={times[r0, 512, 1] / times[r0, 8, 1]:.3f}")
+
+
+if __name__ == "__main__":
+  main()

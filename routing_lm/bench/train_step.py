@@ -1,0 +1,94 @@
+"""Train-step throughput of configs/tiny.py and its FLOP utilisation on this machine.
+
+    python -m routing_lm.bench.train_step [--steps 20] [--router sbase] [--experts 8]
+
+Measured in one process: the peak FLOP/s of a large jitted `jnp.dot` (median of 5), then
+the tiny config's jitted train step on a fixed synthetic batch (median step time over
+`--steps` after a warm-up). Model FLOPs per step = 3 x (F + output layer) x tokens, with
+F from `model.counting` (forward FLOPs per token: 2 x active parameters, attention
+scores, router); XLA's own count (`cost_analysis`) is printed beside it. The last line
+reads `tokens_per_s=<x> flops_utilization=<y>`.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def median_time(fn, *args, repeats: int) -> float:
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times)
+
+
+def peak_flops(n: int = 2048) -> float:
+  a = jnp.ones((n, n), jnp.float32)
+  dot = jax.jit(jnp.dot)
+  return 2 * n ** 3 / median_time(dot, a, a, repeats=5)
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--steps", type=int, default=20)
+  parser.add_argument("--router", default="sbase")
+  parser.add_argument("--experts", type=int, default=8)
+  args = parser.parse_args()
+  from configs import tiny
+  from routing_lm import train
+  from routing_lm.model import counting
+
+  peak = peak_flops()
+  config = tiny.get_config(f"{args.router},{args.experts}")
+  s = train.setup(config)
+  c = s.config
+  b, t = c.data.batch_size, c.data.seq_len
+  rng = np.random.default_rng(0)
+  toks = rng.integers(3, c.model.vocab_size, size=(b, t + 1)).astype(np.int32)
+  batch = train.to_global(s, {
+      "inputs": toks[:, :-1], "targets": toks[:, 1:], "segment_ids": np.ones((b, t), np.int32),
+      "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy(),
+      "weights": np.ones((b, t), np.float32)})
+  step = train.make_train_step(s)
+  state = train.init_state(s)
+  with jax.set_mesh(s.mesh):
+    xla_flops = step.lower(state, batch).compile().cost_analysis().get("flops", float("nan"))
+    state, _ = step(state, batch)                                  # warm-up (compiles)
+    jax.block_until_ready(state)
+    times = []
+    for _ in range(args.steps):
+      t0 = time.perf_counter()
+      state, metrics = step(state, batch)
+      jax.block_until_ready(metrics["loss"])
+      times.append(time.perf_counter() - t0)
+  step_time = statistics.median(times)
+  counts = counting.count(c.model, t)
+  tokens = b * t
+  model_flops = 3 * (counts.flops_per_token + 2 * c.model.d_model * c.model.vocab_size) * tokens
+  tokens_per_s = tokens / step_time
+  util = model_flops / step_time / peak
+  rows = [("config", f"tiny {args.router} E={args.experts}, batch {b} x {t}, {c.model.dtype}, "
+                     f"{jax.device_count()} {jax.devices()[0].platform} device(s)"),
+          ("peak matmul FLOP/s (2048^3 dot)", f"{peak:.3e}"),
+          ("median step time (s)", f"{step_time:.4f}"),
+          ("tokens/s", f"{tokens_per_s:,.0f}"),
+          ("model FLOPs/step (3 x (F + output) x tokens)", f"{model_flops:.3e}"),
+          ("XLA cost_analysis FLOPs/step", f"{xla_flops:.3e}"),
+          ("achieved model FLOP/s", f"{model_flops / step_time:.3e}"),
+          ("FLOP utilisation (model / peak)", f"{util:.3f}")]
+  width = max(len(r[0]) for r in rows)
+  for name, value in rows:
+    print(f"{name:<{width}}  {value}")
+  print(f"tokens_per_s={tokens_per_s:.1f} flops_utilization={util:.4f}")
+
+
+if __name__ == "__main__":
+  main()

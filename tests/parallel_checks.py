@@ -1,0 +1,408 @@
+"""Multi-device checks for `tests/test_parallel.py`, run in their own process.
+
+    python tests/parallel_checks.py --out results.json [--only equivalence,zero1,...]
+
+Sets 8 simulated CPU devices before importing jax (the rest of the suite runs on 1
+device, and a process cannot change its device count once jax has started), runs every
+check, and writes one JSON record per check: {"ok": bool, "error": traceback or null,
+...measurements}. `tests/test_parallel.py` starts this script once and asserts each
+record, so a failure names the check and shows the numbers that failed. Not collected
+by pytest itself (no `test_` prefix).
+"""
+from __future__ import annotations
+
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                           + " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import re  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+import traceback  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+  sys.path.insert(0, REPO)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+from configs import tiny  # noqa: E402
+from routing_lm import parallel, train  # noqa: E402
+from routing_lm.config import ConfigError  # noqa: E402
+
+MESHES = ((8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 8, 1))
+ROUTERS = ("sbase", "hash", "rlr", "topk")
+TOL = 1e-5
+B, S, V = 8, 16, 64
+
+
+# ---------------------------------------------------------------- shared helpers
+def small_config(router: str = "topk", mesh: tuple[int, int, int] = (1, 1, 1), *,
+                 num_groups: int = 1, zero1: bool = False, num_experts: int = 8):
+  """configs/tiny.py shrunk: 2 blocks (block 1 routed), d=32, E=8, float32, and a
+  capacity factor so large that C = tokens per group (nothing is ever dropped)."""
+  c = tiny.get_config(f"{router},{num_experts}")
+  m = c.model
+  m.vocab_size, m.d_model, m.num_heads, m.d_ff, m.num_layers = V, 32, 2, 64, 2
+  m.dtype = m.param_dtype = "float32"
+  m.routing.capacity_factor = float(num_experts)
+  m.routing.num_groups = num_groups
+  c.data.seq_len, c.data.batch_size = S, B
+  c.train.zero1 = zero1
+  c.train.num_steps, c.train.warmup_steps = 10, 2
+  c.mesh.data, c.mesh.expert, c.mesh.model = mesh
+  return c
+
+
+def devices_for(mesh_shape):
+  return jax.devices()[:int(np.prod(mesh_shape))]
+
+
+def make_setup(config):
+  shape = (config.mesh.data, config.mesh.expert, config.mesh.model)
+  mesh = parallel.make_mesh(config.mesh, devices=devices_for(shape))
+  return train.setup(config, mesh)
+
+
+def synthetic_batch(seed: int = 0, batch: int = B) -> dict[str, np.ndarray]:
+  """Two packed documents per row, so segment ids and positions matter too."""
+  rng = np.random.default_rng(seed)
+  cut = S // 2 + 3
+  seg = np.where(np.arange(S) < cut, 1, 2).astype(np.int32)
+  pos = np.where(np.arange(S) < cut, np.arange(S), np.arange(S) - cut).astype(np.int32)
+  weights = np.ones((batch, S), np.float32)
+  weights[0, -3:] = 0.0   # some padding
+  return {"inputs": rng.integers(0, V, (batch, S)).astype(np.int32),
+          "targets": rng.integers(0, V, (batch, S)).astype(np.int32),
+          "segment_ids": np.tile(seg, (batch, 1)), "positions": np.tile(pos, (batch, 1)),
+          "weights": weights}
+
+
+def host_params(s) -> tuple[dict, dict]:
+  """Parameters and fixed variables created on the host (numpy), shared by every mesh."""
+  with nnx.use_eager_sharding(False):
+    m = train.Transformer(s.config.model, rngs=nnx.Rngs(params=s.config.train.seed))
+  _, params, other = train._split(m)
+  to_np = lambda t: jax.tree.map(np.asarray, t)
+  return to_np(params), to_np(other)
+
+
+def loss_and_grads(s, params, other, batch, *, seed=3, train_mode=True):
+  """train.compute_loss and its gradient, jitted with the setup's shardings."""
+  coef = float(s.config.model.routing.rlr.reinforce_coef)
+
+  def f(p, o, b):
+    model = nnx.merge(s.graphdef, p, o)
+    return train.compute_loss(model, b, jax.random.key(seed), train=train_mode,
+                              reinforce_coef=coef)
+
+  sh = s.state_shardings
+  fn = jax.jit(jax.value_and_grad(f, has_aux=True),
+               in_shardings=(sh["params"], sh["other"], parallel.batch_sharding(s.mesh)))
+  with jax.set_mesh(s.mesh):
+    p = jax.device_put(params, sh["params"])
+    o = jax.device_put(other, sh["other"])
+    (loss, out), grads = fn(p, o, train.to_global(s, batch))
+  grads_sh = jax.tree.map(lambda a: str(a.sharding.spec), grads)
+  return (float(loss), jax.tree.map(np.asarray, grads), jax.tree.map(np.asarray, out),
+          grads_sh)
+
+
+def paths(tree) -> dict[str, object]:
+  """{key path: leaf} of a pytree (nnx.State leaves included)."""
+  return {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def flat(tree) -> dict[str, np.ndarray]:
+  return {k: np.asarray(v) for k, v in paths(tree).items()}
+
+
+def max_diff(a, b) -> tuple[float, str]:
+  fa, fb = flat(a), flat(b)
+  assert fa.keys() == fb.keys(), (sorted(fa.keys() ^ fb.keys()))
+  worst, where = 0.0, ""
+  for k in fa:
+    d = float(np.max(np.abs(fa[k] - fb[k]))) if fa[k].size else 0.0
+    if d > worst:
+      worst, where = d, k
+  return worst, where
+
+
+def spec_of(a) -> list:
+  """The PartitionSpec of an array (or a sharding) as a JSON-able list, trailing Nones
+  dropped (P('a', None) shards like P('a'))."""
+  sharding = getattr(a, "sharding", a)
+  spec = [list(s) if isinstance(s, tuple) else s for s in sharding.spec]
+  while spec and spec[-1] is None:
+    spec.pop()
+  return spec
+
+
+def count_ops(hlo: str) -> dict[str, int]:
+  ops = ("all-to-all", "all-gather", "all-reduce", "reduce-scatter", "collective-permute")
+  return {op: len(re.findall(rf"\s{op}(?:-start)?\(", hlo)) for op in ops}
+
+
+# ---------------------------------------------------------------- checks
+def check_equivalence(rec):
+  """Loss and gradients on every mesh equal a 1-device run with the same token grouping."""
+  batch = synthetic_batch()
+  results = {}
+  configs = [(r, None) for r in ROUTERS] + [("sbase-global", None)]
+  for name, _ in configs:
+    router = name.split("-")[0]
+    refs = {}
+    for mesh in MESHES:
+      groups = mesh[0] * mesh[1]
+      if groups not in refs:
+        c = small_config(router, (1, 1, 1), num_groups=groups)
+        if name == "sbase-global":
+          c.model.routing.sbase.scope = "global"
+        s1 = make_setup(c)
+        params, other = host_params(s1)
+        refs[groups] = (params, other, loss_and_grads(s1, params, other, batch))
+      params, other, (ref_loss, ref_grads, ref_out, _) = refs[groups]
+      if name == "sbase-global" and mesh not in ((2, 4, 1), (2, 2, 2)):
+        continue
+      c = small_config(router, mesh)
+      if name == "sbase-global":
+        c.model.routing.sbase.scope = "global"
+      s = make_setup(c)
+      loss, grads, out, _ = loss_and_grads(s, params, other, batch)
+      gdiff, gwhere = max_diff(grads, ref_grads)
+      key = f"{name}@{mesh}"
+      results[key] = {
+          "num_groups": s.config.model.routing.num_groups,
+          "loss": loss, "ref_loss": ref_loss, "loss_diff": abs(loss - ref_loss),
+          "grad_diff": gdiff, "grad_diff_at": gwhere,
+          "grad_max": max(float(np.max(np.abs(v))) for v in flat(ref_grads).values()),
+          "dropped": [float(l["dropped"]) for l in out["layers"]],
+          "ref_dropped": [float(l["dropped"]) for l in ref_out["layers"]],
+          "ok": abs(loss - ref_loss) <= TOL and gdiff <= TOL}
+  rec["cases"] = results
+  rec["ok"] = all(r["ok"] for r in results.values())
+
+
+def check_param_specs(rec):
+  """Audit: the resolved PartitionSpec of every parameter on the (2,2,2) mesh."""
+  s = make_setup(small_config("topk", (2, 2, 2)))
+  leaves = lambda tree: jax.tree_util.tree_flatten_with_path(tree)[0]
+  rec["specs"] = {jax.tree_util.keystr(k): spec_of(v)
+                  for k, v in leaves(s.state_shardings["params"])}
+  rec["other_specs"] = {jax.tree_util.keystr(k): spec_of(v)
+                        for k, v in leaves(s.state_shardings["other"])}
+  rec["ok"] = True
+
+
+def check_activation_specs(rec):
+  """Audit: the sharding constraints the routed layer puts on its key activations."""
+  s = make_setup(small_config("topk", (2, 2, 2)))
+  params, other = host_params(s)
+  batch = synthetic_batch()
+
+  def f(p, o, b):
+    model = nnx.merge(s.graphdef, p, o)
+    return train.compute_loss(model, b, jax.random.key(0), train=True)[0]
+
+  found = []
+
+  def walk(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == "sharding_constraint":
+        sh = eqn.params["sharding"]
+        spec = [list(x) if isinstance(x, tuple) else x for x in sh.spec]
+        found.append({"shape": list(eqn.invars[0].aval.shape), "spec": spec})
+      for v in eqn.params.values():
+        for sub in (v if isinstance(v, (list, tuple)) else [v]):
+          if hasattr(sub, "jaxpr") and hasattr(sub.jaxpr, "eqns"):
+            walk(sub.jaxpr)
+          elif hasattr(sub, "eqns"):
+            walk(sub)
+
+  with jax.set_mesh(s.mesh):
+    jaxpr = jax.make_jaxpr(f)(params, other, batch)
+  walk(jaxpr.jaxpr)
+  rec["constraints"] = found
+  rec["ok"] = True
+
+
+def check_collectives(rec):
+  """Compiled train steps: all-to-all on expert meshes, none without an expert axis."""
+  batch = synthetic_batch()
+  rec["meshes"] = {}
+  for mesh in ((2, 2, 2), (1, 8, 1), (8, 1, 1)):
+    s = make_setup(small_config("sbase", mesh, zero1=True))
+    state = train.init_state(s)
+    step = train.make_train_step(s)
+    with jax.set_mesh(s.mesh):
+      hlo = step.lower(state, train.to_global(s, batch)).compile().as_text()
+    rec["meshes"][str(mesh)] = count_ops(hlo)
+  rec["ok"] = True
+
+
+def check_zero1(rec):
+  """ZeRO-1: optimizer state over `data`, ~1/data bytes per device; params not over data;
+  one step with ZeRO-1 equals one step without it."""
+  batch = synthetic_batch()
+  rec["meshes"] = {}
+  for mesh in ((8, 1, 1), (2, 2, 2)):
+    out = {}
+    states = {}
+    for zero1 in (False, True):
+      s = make_setup(small_config("topk", mesh, zero1=zero1))
+      state = train.init_state(s)
+      dev = s.mesh.devices.flat[0]
+      nbytes = lambda tree: sum(sh.data.nbytes for a in jax.tree.leaves(tree)
+                                for sh in a.addressable_shards if sh.device == dev)
+      tag = "zero1" if zero1 else "replicated"
+      out[f"opt_bytes_{tag}"] = nbytes(state["opt"])
+      out[f"param_bytes_{tag}"] = nbytes(state["params"])
+      out[f"opt_total_bytes"] = sum(a.nbytes for a in jax.tree.leaves(state["opt"]))
+      if zero1:
+        opt_specs = [spec_of(a) for a in jax.tree.leaves(state["opt"]) if a.ndim]
+        out["opt_leaves_with_data"] = sum(
+            any("data" in (x if isinstance(x, list) else [x]) for x in sp) for sp in opt_specs)
+        out["opt_array_leaves"] = len(opt_specs)
+        out["param_specs_with_data"] = [
+            k for k, v in paths(state["params"]).items()
+            if "data" in str(v.sharding.spec)]
+        out["state_opt_shardings_with_data"] = sum(
+            "data" in str(sh.spec) for sh in jax.tree.leaves(s.state_shardings["opt"]))
+      step = train.make_train_step(s)
+      with jax.set_mesh(s.mesh):
+        new, metrics = step(state, train.to_global(s, batch))
+        new, metrics = step(new, train.to_global(s, synthetic_batch(1)))
+      states[zero1] = new
+      if zero1:
+        out["opt_specs_after_step_kept"] = all(
+            a.sharding.is_equivalent_to(sh, a.ndim) for a, sh in zip(
+                jax.tree.leaves(new["opt"]), jax.tree.leaves(s.state_shardings["opt"])))
+        out["param_specs_after_step_with_data"] = [
+            k for k, v in paths(new["params"]).items() if "data" in str(v.sharding.spec)]
+    out["ratio"] = out["opt_bytes_zero1"] / out["opt_bytes_replicated"]
+    out["data"] = mesh[0]
+    out["params_after_2_steps_diff"] = max_diff(states[True]["params"], states[False]["params"])[0]
+    rec["meshes"][str(mesh)] = out
+  rec["ok"] = True
+
+
+def check_checkpoint(rec):
+  """Saved on (2,2,2), restored on (8,1,1) (and the reverse mesh's shardings)."""
+  from routing_lm.checkpoint import Checkpointer
+  batch = synthetic_batch()
+  s_a = make_setup(small_config("hash", (2, 2, 2), zero1=True))
+  state = train.init_state(s_a)
+  with jax.set_mesh(s_a.mesh):
+    state, _ = train.make_train_step(s_a)(state, train.to_global(s_a, batch))
+  saved = jax.tree.map(np.asarray, state)
+  with tempfile.TemporaryDirectory() as workdir:
+    ck = Checkpointer(workdir, s_a.config, every=1, keep=2)
+    ck.save_now(1, state)
+    ck.close()
+    s_b = make_setup(small_config("hash", (8, 1, 1), zero1=True))
+    ck = Checkpointer(workdir, s_b.config, every=1, keep=2)
+    restored = ck.restore_latest(s_b.abstract_state, required=True)
+    ck.close()
+  rec["params_diff"] = max_diff(saved["params"], restored["params"])[0]
+  rec["other_diff"] = max_diff(saved["other"], restored["other"])[0]
+  rec["opt_diff"] = max_diff(saved["opt"], restored["opt"])[0]
+  rec["step"] = int(restored["step"])
+  rec["restored_on_target_mesh"] = all(
+      a.sharding.mesh.shape_tuple == s_b.mesh.shape_tuple
+      and a.sharding.is_equivalent_to(sh, a.ndim)
+      for a, sh in zip(jax.tree.leaves(restored), jax.tree.leaves(s_b.state_shardings)))
+  # The restored state trains on the new mesh.
+  with jax.set_mesh(s_b.mesh):
+    _, metrics = train.make_train_step(s_b)(restored, train.to_global(s_b, batch))
+  rec["loss_after_restore"] = float(metrics["loss"])
+  rec["ok"] = True
+
+
+def check_bad_input(rec):
+  """Each bad configuration raises ConfigError; the message is recorded for the test."""
+  cases = {}
+
+  def expect(name, fn):
+    try:
+      fn()
+    except ConfigError as e:
+      cases[name] = {"raised": "ConfigError", "message": str(e)}
+    except Exception as e:  # noqa: BLE001
+      cases[name] = {"raised": type(e).__name__, "message": str(e)}
+    else:
+      cases[name] = {"raised": None, "message": ""}
+
+  expect("experts_not_divisible", lambda: make_setup(
+      small_config("topk", (2, 4, 1), num_experts=6)))
+  def bad_batch():
+    c = small_config("topk", (2, 2, 2))
+    c.data.batch_size = 6
+    make_setup(c)
+  expect("batch_not_divisible", bad_batch)
+  def bad_mesh():
+    c = small_config("topk", (2, 2, 1))
+    parallel.make_mesh(c.mesh)
+  expect("mesh_product", bad_mesh)
+  def bad_fill():
+    c = small_config("topk", (3, -1, 1))
+    parallel.make_mesh(c.mesh)
+  expect("mesh_fill_not_dividing", bad_fill)
+  def two_fills():
+    c = small_config("topk", (-1, -1, 1))
+    parallel.make_mesh(c.mesh)
+  expect("mesh_two_fills", two_fills)
+  def bad_model_axis():
+    c = small_config("topk", (1, 2, 4))
+    c.model.num_heads = 2
+    make_setup(c)
+  expect("heads_not_divisible", bad_model_axis)
+  c = small_config("topk", (2, -1, 2))
+  rec["fill"] = list(parallel.make_mesh(c.mesh).devices.shape)
+  rec["cases"] = cases
+  rec["ok"] = True
+
+
+CHECKS = {
+    "equivalence": check_equivalence,
+    "param_specs": check_param_specs,
+    "activation_specs": check_activation_specs,
+    "collectives": check_collectives,
+    "zero1": check_zero1,
+    "checkpoint": check_checkpoint,
+    "bad_input": check_bad_input,
+}
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--out", required=True)
+  parser.add_argument("--only", default="")
+  args = parser.parse_args()
+  names = [n for n in args.only.split(",") if n] or list(CHECKS)
+  results = {"device_count": jax.device_count()}
+  for name in names:
+    rec: dict = {"ok": False, "error": None}
+    t0 = time.time()
+    try:
+      CHECKS[name](rec)
+    except Exception:  # noqa: BLE001 - reported to the test, which fails with it
+      rec["ok"] = False
+      rec["error"] = traceback.format_exc()
+    rec["seconds"] = round(time.time() - t0, 1)
+    results[name] = rec
+    print(f"{name}: ok={rec['ok']} ({rec['seconds']}s)", flush=True)
+    with open(args.out, "w", encoding="utf-8") as f:
+      json.dump(results, f, indent=1, default=str)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,386 @@
+"""Dispatch (model/dispatch.py) and the routed FFW (model/routed_ffw.py) against a
+per-token reference loop `y_i = sum_k w_ik * expert[e_ik](x_i)`."""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.extend import core as jcore
+
+from configs import base
+from routing_lm.model import dispatch
+from routing_lm.model.routed_ffw import Experts, RoutedFFW
+from routing_lm.model.transformer import DenseFFW
+
+
+def model_cfg(router="topk", num_experts=4, top_k=1, granularity=1, capacity_factor=2.0,
+              d_model=16, d_ff=32):
+  m = base.get_config().model
+  m.update(dict(vocab_size=64, d_model=d_model, num_heads=2, d_ff=d_ff, dtype="float32"))
+  m.routing.update(dict(router=router, num_experts=num_experts, top_k=top_k,
+                        granularity=granularity))
+  m.routing.capacity_factor = capacity_factor
+  return m
+
+
+def build(cls, m, seed=0):
+  with nnx.use_eager_sharding(False):
+    return cls(m, rngs=nnx.Rngs(params=seed))
+
+
+def run_layer(layer, x, tok, train, capacity_factor="config"):
+  """Jitted layer call: (y, aux, expert_ids [T, k], weights [T, k]) routed as the layer does."""
+  gd, state = nnx.split(layer)
+  b, s, d = x.shape
+
+  @jax.jit
+  def f(state, x, tok):
+    mod = nnx.merge(gd, state)
+    if capacity_factor != "config":
+      mod.capacity_factor = capacity_factor
+    y, aux = mod(x, tok, train=train, rng=jax.random.key(1))
+    r = mod.route(x.reshape(1, b * s, d), tok.reshape(1, b * s), train, jax.random.key(1))
+    return y, aux, r.expert_ids[0], r.weights[0]
+
+  return f(state, x, tok)
+
+
+def apply_plan(x, ids, w, wi, wo, cap):
+  """plan -> gather_in -> experts -> gather_out for explicit routing, jitted."""
+  return jax.jit(_apply_plan, static_argnums=5)(x, ids, w, wi, wo, cap)
+
+
+def _apply_plan(x, ids, w, wi, wo, cap):
+  p = dispatch.plan(ids, wi.shape[0], cap)
+  h = jax.nn.gelu(jnp.einsum("ecd,edf->ecf", dispatch.gather_in(x, p), wi), approximate=True)
+  return dispatch.gather_out(jnp.einsum("ecf,efd->ecd", h, wo), p, w), p
+
+
+def np_gelu(x):
+  return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
+
+
+def reference(x, ids, weights, wi, wo, keep=None):
+  """The per-token loop; keep[t, k] False drops that assignment."""
+  x, ids, weights = np.asarray(x, np.float64), np.asarray(ids), np.asarray(weights, np.float64)
+  wi, wo = np.asarray(wi, np.float64), np.asarray(wo, np.float64)
+  y = np.zeros_like(x)
+  for t in range(x.shape[0]):
+    for k in range(ids.shape[1]):
+      if keep is None or keep[t, k]:
+        e = ids[t, k]
+        y[t] += weights[t, k] * (np_gelu(x[t] @ wi[e]) @ wo[e])
+  return y
+
+
+def random_routing(rng, t, k, e):
+  """Distinct experts per token and positive weights."""
+  ids = np.stack([rng.permutation(e)[:k] for _ in range(t)]).astype(np.int32)
+  return jnp.asarray(ids), jnp.asarray(rng.uniform(0.1, 1.0, (t, k)), jnp.float32)
+
+
+def skewed_routing(rng, t, k, e):
+  """Distinct experts per token, most tokens on the first experts (unbalanced)."""
+  p = np.linspace(3, 1, e) / np.linspace(3, 1, e).sum()
+  ids = np.stack([rng.choice(e, k, replace=False, p=p) for _ in range(t)]).astype(np.int32)
+  return jnp.asarray(ids), jnp.asarray(rng.uniform(0.1, 1.0, (t, k)), jnp.float32)
+
+
+def experts_module(e, d, f, seed=0):
+  with nnx.use_eager_sharding(False):
+    return Experts(e, d, f, jnp.float32, rngs=nnx.Rngs(params=seed))
+
+
+@pytest.mark.parametrize("t,k,e", [(24, 1, 4), (24, 2, 4), (30, 3, 5)])
+def test_capacity_path_equals_reference_when_nothing_dropped(t, k, e):
+  rng = np.random.default_rng(t + k + e)
+  d, f = 8, 12
+  x = jnp.asarray(rng.standard_normal((t, d)), jnp.float32)
+  ids, w = random_routing(rng, t, k, e)
+  ex = experts_module(e, d, f)
+  cap = dispatch.capacity(t, e, k, 100.0)
+  assert cap == t
+  p = dispatch.plan(ids, e, cap)
+  y = dispatch.gather_out(ex(dispatch.gather_in(x, p)), p, w)
+  assert y.shape == (t, d)
+  np.testing.assert_allclose(y, reference(x, ids, w, ex.wi[...], ex.wo[...]),
+                             rtol=1e-5, atol=1e-5)
+  assert float(p.dropped) == 0.0
+  np.testing.assert_array_equal(p.counts, np.bincount(np.asarray(ids).ravel(), minlength=e))
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_ragged_dropless_path_equals_reference(k):
+  rng = np.random.default_rng(7)
+  t, e, d, f = 20, 4, 8, 12
+  x = jnp.asarray(rng.standard_normal((t, d)), jnp.float32)
+  ids, w = skewed_routing(rng, t, k, e)
+  ex = experts_module(e, d, f)
+  y, dropped = dispatch.ragged(x, ids, w, e, ex.ragged)
+  np.testing.assert_allclose(y, reference(x, ids, w, ex.wi[...], ex.wo[...]),
+                             rtol=1e-5, atol=1e-5)
+  assert float(dropped) == 0.0
+
+
+def test_capacity_formula():
+  assert dispatch.capacity(100, 8, 1, 1.0) == 13          # ceil(12.5)
+  assert dispatch.capacity(100, 8, 2, 2.0) == 50
+  assert dispatch.capacity(10, 2, 1, 5.0) == 10           # never above T
+  assert dispatch.capacity(4, 64, 1, 1.0) == 1            # at least 1
+
+
+def expected_keep(ids, cap):
+  """Documented priority: choice-major, then token order, first `cap` per expert kept."""
+  t, k = ids.shape
+  keep = np.zeros((t, k), bool)
+  used = {}
+  for j in range(k):
+    for i in range(t):
+      e = int(ids[i, j])
+      if used.get(e, 0) < cap:
+        keep[i, j] = True
+        used[e] = used.get(e, 0) + 1
+  return keep
+
+
+def test_over_capacity_hand_case():
+  # 6 tokens, 2 choices, 3 experts, 2 slots each. First choices: 0,0,0,1,1,2 -> token 2's
+  # first choice (expert 0's third) is dropped. Second choices (after every first choice):
+  # 1,2,1,0,2,0 -> token 0 -> e1 (third for e1: drop), token 1 -> e2 (second: keep),
+  # token 2 -> e1 (drop), token 3 -> e0 (drop), token 4 -> e2 (drop), token 5 -> e0 (drop).
+  ids = np.array([[0, 1], [0, 2], [0, 1], [1, 0], [1, 2], [2, 0]], np.int32)
+  keep = np.array([[1, 0], [1, 1], [0, 0], [1, 0], [1, 0], [1, 0]], bool)
+  np.testing.assert_array_equal(expected_keep(ids, 2), keep)
+  p = dispatch.plan(jnp.asarray(ids), 3, 2)
+  np.testing.assert_array_equal(np.asarray(p.token_slot) < 3 * 2, keep)
+  assert float(p.dropped) == pytest.approx(6 / 12)
+  # Every kept assignment has its own slot, and the slot holds that token.
+  slots = np.asarray(p.token_slot)[keep]
+  assert len(set(slots.tolist())) == keep.sum()
+  st = np.asarray(p.slot_token).ravel()
+  for (i, j) in zip(*np.nonzero(keep)):
+    assert st[p.token_slot[i, j]] == i
+    assert p.token_slot[i, j] // 2 == ids[i, j]
+
+
+@pytest.mark.parametrize("t,k,e,cf", [(40, 1, 4, 0.5), (40, 2, 5, 0.6), (33, 3, 6, 1.0)])
+def test_small_capacity_drops_exactly_the_documented_assignments(t, k, e, cf):
+  rng = np.random.default_rng(t * k)
+  d, f = 8, 12
+  x = jnp.asarray(rng.standard_normal((t, d)), jnp.float32)
+  ids, w = skewed_routing(rng, t, k, e)
+  ids = np.asarray(ids)
+  cap = dispatch.capacity(t, e, k, cf)
+  keep = expected_keep(ids, cap)
+  assert 0 < keep.sum() < t * k, "the case must drop something"
+  ex = experts_module(e, d, f)
+  p = dispatch.plan(jnp.asarray(ids), e, cap)
+  np.testing.assert_array_equal(np.asarray(p.token_slot) < e * cap, keep)
+  assert float(p.dropped) == pytest.approx(1 - keep.mean())
+  y = dispatch.gather_out(ex(dispatch.gather_in(x, p)), p, w)
+  np.testing.assert_allclose(y, reference(x, ids, w, ex.wi[...], ex.wo[...], keep),
+                             rtol=1e-5, atol=1e-5)
+
+
+def test_routed_ffw_reports_dropped_fraction():
+  # hash router, one repeated token: every token goes to one expert; C = ceil(T/E).
+  m = model_cfg(router="hash", num_experts=4, capacity_factor=1.0)
+  layer = build(RoutedFFW, m)
+  x = jax.random.normal(jax.random.key(0), (2, 16, 16))
+  y, aux = layer(x, jnp.full((2, 16), 5, jnp.int32), train=True, rng=jax.random.key(1))
+  assert float(aux["metrics"]["dropped"]) == pytest.approx(0.75)
+  # The dropped tokens output zero (residual only): exactly 8 of 32 rows are nonzero.
+  nonzero = np.abs(np.asarray(y).reshape(32, 16)).sum(-1) > 0
+  assert nonzero.sum() == 8 and nonzero[:8].all()
+
+
+def layer_reference(layer, x, token_ids, train, keep=None):
+  """Routes with the layer's own router and applies the per-token loop."""
+  d = x.shape[-1]
+  xf, idf = x.reshape(-1, d), token_ids.reshape(-1)
+  r = layer.router(xf, idf, train=train, rng=jax.random.key(1))
+  ref = reference(xf, r.expert_ids, r.weights, layer.experts.wi[...], layer.experts.wo[...], keep)
+  return ref.reshape(x.shape), r
+
+
+@pytest.mark.parametrize("router,k", [("topk", 1), ("topk", 2), ("sbase", 1), ("hash", 2)])
+@pytest.mark.parametrize("train", [True, False])
+def test_routed_ffw_equals_reference(router, k, train):
+  """Train: capacity path (factor large enough); eval: dropless ragged path."""
+  m = model_cfg(router=router, num_experts=4, top_k=k, capacity_factor=8.0)
+  layer = build(RoutedFFW, m)
+  x = jax.random.normal(jax.random.key(0), (2, 8, 16))
+  tok = jax.random.randint(jax.random.key(2), (2, 8), 0, 64)
+  # The routed FFW vmaps the router over one group; route the same way for the reference.
+  y, aux = layer(x, tok, train=train, rng=jax.random.key(1))
+  routing = layer.route(x.reshape(1, 16, 16), tok.reshape(1, 16), train, jax.random.key(1))
+  ids, w = routing.expert_ids[0], routing.weights[0]
+  assert ids.shape == (16, k)
+  assert all(len(set(row)) == k for row in np.asarray(ids).tolist())
+  ref = reference(x.reshape(16, 16), ids, w, layer.experts.wi[...], layer.experts.wo[...])
+  np.testing.assert_allclose(np.asarray(y).reshape(16, 16), ref, rtol=1e-5, atol=1e-5)
+  assert float(aux["metrics"]["dropped"]) == 0.0
+
+
+def test_ragged_and_capacity_paths_have_equal_grads():
+  m = model_cfg(router="topk", num_experts=4, top_k=2, capacity_factor=8.0)
+  m.routing.eval_capacity_factor = None
+  layer = build(RoutedFFW, m)
+  x = jax.random.normal(jax.random.key(0), (2, 8, 16))
+  tok = jnp.zeros((2, 8), jnp.int32)
+  gd, params, rest = nnx.split(layer, nnx.Param, ...)
+
+  def loss(params, x, capacity_factor):
+    mod = nnx.merge(gd, params, rest)
+    mod.capacity_factor = capacity_factor
+    y, _ = mod(x, tok, train=True, rng=jax.random.key(1))
+    return jnp.sum(jnp.sin(y))
+
+  g_cap = jax.grad(loss, argnums=(0, 1))(params, x, 8.0)
+  g_rag = jax.grad(loss, argnums=(0, 1))(params, x, None)
+  for a, b in zip(jax.tree.leaves(g_cap), jax.tree.leaves(g_rag)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+  assert float(jnp.abs(g_cap[0]["router"]["w"][...]).sum()) > 0
+
+
+@pytest.mark.parametrize("router", ["uniform", "topk"])
+def test_single_expert_equals_dense_mlp(router):
+  """E = 1: the routed layer is the dense FFW, values and gradients."""
+  m = model_cfg(router=router, num_experts=1, capacity_factor=1.0)
+  routed, dense = build(RoutedFFW, m), build(DenseFFW, m, seed=1)
+  routed.experts.wi[...] = dense.wi[...][None]
+  routed.experts.wo[...] = dense.wo[...][None]
+  x = jax.random.normal(jax.random.key(0), (2, 8, 16))
+  tok = jnp.zeros((2, 8), jnp.int32)
+  gd_r, p_r, rest_r = nnx.split(routed, nnx.Param, ...)
+  gd_d, p_d = nnx.split(dense, nnx.Param)
+
+  def f_routed(params, x):
+    y, aux = nnx.merge(gd_r, params, rest_r)(x, tok, train=True, rng=jax.random.key(1))
+    return jnp.sum(jnp.sin(y)), (y, aux["metrics"]["dropped"])
+
+  def f_dense(params, x):
+    y = nnx.merge(gd_d, params)(x)
+    return jnp.sum(jnp.sin(y)), y
+
+  (_, (y_r, dropped)), g_r = jax.value_and_grad(f_routed, (0, 1), has_aux=True)(p_r, x)
+  (_, y_d), g_d = jax.value_and_grad(f_dense, (0, 1), has_aux=True)(p_d, x)
+  np.testing.assert_allclose(y_r, y_d, rtol=1e-5, atol=1e-6)
+  assert float(dropped) == 0.0
+  np.testing.assert_allclose(g_r[0]["experts"]["wi"][...][0], g_d[0]["wi"][...], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(g_r[0]["experts"]["wo"][...][0], g_d[0]["wo"][...], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(g_r[1], g_d[1], rtol=1e-5, atol=1e-6)
+  assert float(jnp.abs(g_d[1]).sum()) > 0
+
+
+def param_shapes(layer):
+  return {"/".join(map(str, path)): v.shape
+          for path, v in nnx.to_flat_state(nnx.state(layer, nnx.Param))}
+
+
+def test_granularity_one_is_the_issue2_layer():
+  """G = 1: [E, d, d_ff] experts, a [d, E] router, top-K per token: the same layer and
+  outputs as the default config (which never sets granularity)."""
+  e, k, d, f = 4, 2, 16, 32
+  m1 = model_cfg(router="topk", num_experts=e, top_k=k, granularity=1, capacity_factor=8.0)
+  m0 = base.get_config().model
+  m0.update(dict(vocab_size=64, d_model=d, num_heads=2, d_ff=f, dtype="float32"))
+  m0.routing.update(dict(router="topk", num_experts=e, top_k=k))
+  m0.routing.capacity_factor = 8.0
+  assert m0.routing.granularity == 1
+  l1, l0 = build(RoutedFFW, m1), build(RoutedFFW, m0)
+  shapes = param_shapes(l1)
+  assert shapes == {"router/w": (d, e), "experts/wi": (e, d, f), "experts/wo": (e, f, d)}
+  assert shapes == param_shapes(l0)
+  for a, b in zip(jax.tree.leaves(nnx.state(l1)), jax.tree.leaves(nnx.state(l0))):
+    np.testing.assert_array_equal(a, b)
+  x = jax.random.normal(jax.random.key(0), (2, 8, d))
+  tok = jnp.zeros((2, 8), jnp.int32)
+  y1, _ = l1(x, tok, train=True, rng=jax.random.key(1))
+  y0, _ = l0(x, tok, train=True, rng=jax.random.key(1))
+  np.testing.assert_array_equal(y1, y0)
+  ref, r = layer_reference(l1, x, tok, True)
+  assert r.expert_ids.shape == (16, k)
+  np.testing.assert_allclose(y1, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("router,k,g", [("topk", 1, 4), ("topk", 2, 2), ("sbase", 1, 4),
+                                        ("hash", 1, 4)])
+@pytest.mark.parametrize("train", [True, False])
+def test_granularity_dispatch_equals_reference(router, k, g, train):
+  """G > 1: E*G experts of width d_ff/G, K*G distinct experts per token."""
+  e, d, f = 4, 16, 32
+  m = model_cfg(router=router, num_experts=e, top_k=k, granularity=g, capacity_factor=16.0)
+  layer = build(RoutedFFW, m)
+  assert param_shapes(layer)["experts/wi"] == (e * g, d, f // g)
+  assert param_shapes(layer)["experts/wo"] == (e * g, f // g, d)
+  x = jax.random.normal(jax.random.key(0), (2, 8, d))
+  tok = jax.random.randint(jax.random.key(2), (2, 8), 0, 64)
+  y, aux = layer(x, tok, train=train, rng=jax.random.key(1))
+  routing = layer.route(x.reshape(1, 16, d), tok.reshape(1, 16), train, jax.random.key(1))
+  ids, w = np.asarray(routing.expert_ids[0]), routing.weights[0]
+  assert ids.shape == (16, k * g)
+  assert all(len(set(row)) == k * g for row in ids.tolist())
+  assert ids.max() < e * g
+  ref = reference(x.reshape(16, d), ids, w, layer.experts.wi[...], layer.experts.wo[...])
+  np.testing.assert_allclose(np.asarray(y).reshape(16, d), ref, rtol=1e-5, atol=1e-5)
+  assert float(aux["metrics"]["dropped"]) == 0.0
+
+
+# ---- structure: no [T, E, C] intermediate ----
+
+def all_shapes(jaxpr):
+  """Every array shape in a (closed) jaxpr, sub-jaxprs (jit, loops, custom_vjp) included."""
+  shapes = []
+
+  def visit(j):
+    j = getattr(j, "jaxpr", j)
+    for v in list(j.invars) + list(j.outvars) + list(j.constvars):
+      if hasattr(v, "aval") and hasattr(v.aval, "shape"):
+        shapes.append(tuple(v.aval.shape))
+    for eqn in j.eqns:
+      for v in list(eqn.invars) + list(eqn.outvars):
+        if hasattr(v, "aval") and hasattr(v.aval, "shape"):
+          shapes.append(tuple(v.aval.shape))
+      for p in eqn.params.values():
+        for q in (p if isinstance(p, (list, tuple)) else [p]):
+          if isinstance(q, (jcore.Jaxpr, jcore.ClosedJaxpr)):
+            visit(q)
+
+  visit(jaxpr)
+  return shapes
+
+
+def onehot_dispatch(x, ids, e, cap):
+  """GShard-style dispatch with a [T, E, C] one-hot tensor (what the check must catch)."""
+  onehot = jax.nn.one_hot(ids[:, 0], e)                                  # [T, E]
+  pos = (jnp.cumsum(onehot, axis=0) - 1) * onehot
+  mask = onehot[:, :, None] * jax.nn.one_hot(pos, cap)                   # [T, E, C]
+  return jnp.einsum("tec,td->ecd", mask, x)
+
+
+@pytest.mark.parametrize("router", ["topk", "sbase"])
+def test_no_tokens_by_experts_by_capacity_intermediate(router):
+  t, e, d, f = 512, 16, 8, 16
+  m = model_cfg(router=router, num_experts=e, capacity_factor=1.0, d_model=d, d_ff=f)
+  layer = build(RoutedFFW, m)
+  cap = dispatch.capacity(t, e, 1, 1.0)
+  limit = t * e * cap                                                      # 16,384 x 32
+  gd, params, rest = nnx.split(layer, nnx.Param, ...)
+  tok = jnp.zeros((1, t), jnp.int32)
+
+  def loss(params, x):
+    y, aux = nnx.merge(gd, params, rest)(x, tok, train=True, rng=jax.random.key(0))
+    return jnp.sum(y ** 2)
+
+  x = jnp.zeros((1, t, d))
+  jaxpr = jax.make_jaxpr(jax.jit(jax.grad(loss, argnums=(0, 1))))(params, x)
+  sizes = [math.prod(s) for s in all_shapes(jaxpr)]
+  assert len(sizes) > 50                                # the walk saw the whole program
+  assert max(sizes) < limit // 4, max(sizes)
+  # The check catches a one-hot dispatch.
+  bad = jax.make_jaxpr(onehot_dispatch, static_argnums=(2, 3))(
+      x[0], jnp.zeros((t, 1), jnp.int32), e, cap)
+  assert max(math.prod(s) for s in all_shapes(bad)) >= limit
