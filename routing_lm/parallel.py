@@ -6,8 +6,9 @@ a no-op, so the same code runs from 1 CPU to a pod slice.
 """
 from __future__ import annotations
 
+import functools
 import math
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import ml_collections
@@ -37,8 +38,17 @@ _RULES = dict(RULES)
 
 
 def logical_to_spec(axes: Sequence[str | None]) -> P:
-  """Logical names -> PartitionSpec via RULES (unknown or None names are replicated)."""
-  return P(*(_RULES.get(a) if a is not None else None for a in axes))
+  """Logical names -> PartitionSpec via RULES (None = replicated).
+
+  A name with no rule is an error, not a silent replication: a missing rule costs
+  memory and speed without failing anything else.
+  """
+  unknown = [a for a in axes if a is not None and a not in _RULES]
+  if unknown:
+    raise ValueError(f"logical axis name(s) {unknown} in {tuple(axes)} have no rule in "
+                     f"routing_lm.parallel.RULES (known: {sorted(_RULES)}); add a rule "
+                     "mapping each to mesh axes, or None to replicate.")
+  return P(*(_RULES[a] if a is not None else None for a in axes))
 
 
 def _active_mesh():
@@ -53,6 +63,17 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
   if _active_mesh() is None:
     return x
   return jax.lax.with_sharding_constraint(x, logical_to_spec(axes))
+
+
+def on_mesh(mesh: jax.sharding.Mesh, fn: Callable[..., Any]) -> Callable[..., Any]:
+  """`fn` traced with `mesh` as the context mesh, so `constrain` applies inside `jax.jit`
+  even when the caller did not enter `jax.set_mesh(mesh)` (without it every constraint
+  would silently be a no-op and the expert exchange would not be an all-to-all)."""
+  @functools.wraps(fn)
+  def traced_on_mesh(*args, **kwargs):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return fn(*args, **kwargs)
+  return traced_on_mesh
 
 
 def make_mesh(mesh_cfg: ml_collections.ConfigDict,

@@ -89,6 +89,7 @@ class Point:
   config_spec: str
   overrides: dict[str, Any]
   config: ml_collections.ConfigDict | None = None
+  error: str | None = None   # why the config could not be built (unknown field, bad type)
 
   @property
   def num_steps(self) -> int:
@@ -191,7 +192,8 @@ def _check_tokens(value: Any, where: str) -> int | None:
 
 
 def load_sweep(path: str) -> Sweep:
-  """Reads a sweep file and builds (but does not yet validate) every point's config."""
+  """Reads a sweep file and builds every point's config; `check_points` validates them
+  (a point whose config could not be built carries the reason in `error`)."""
   module = _import_file(path, "sweep file")
   if not hasattr(module, "get_sweep"):
     raise SweepError(f"sweep file {path!r} defines no get_sweep().")
@@ -241,18 +243,17 @@ def load_sweep(path: str) -> Sweep:
     if tokens is None and "train.num_steps" not in own:
       tokens = budget
     point = Point(i, name, p.get("config", spec["config"]), {**common, **own})
-    point.config = _build_config(point, tokens)
+    try:
+      point.config = _build_config(point, tokens)
+    except ConfigError as e:   # reported with every other bad point by check_points
+      point.error = str(e)
     points.append(point)
   return Sweep(str(spec.get("name") or pathlib.Path(path).stem), points)
 
 
 def _build_config(point: Point, tokens: int | None) -> ml_collections.ConfigDict:
-  where = f"sweep point {point.name!r}"
-  try:
-    config = load_config(point.config_spec)
-  except ConfigError as e:
-    raise ConfigError(f"{where}: {e}") from None
-  apply_overrides(config, point.overrides, where)
+  config = load_config(point.config_spec)
+  apply_overrides(config, point.overrides, f"--config={point.config_spec}")
   if tokens is not None:
     per_step = int(config.data.batch_size) * int(config.data.seq_len)
     steps = max(1, round(tokens / per_step))
@@ -283,6 +284,9 @@ def check_points(points: Sequence[Point], num_devices: int | None = None) -> Non
   from routing_lm import parallel, train
   errors = []
   for p in points:
+    if p.error is not None:
+      errors.append(f"  point {p.index} ({p.name}): {p.error}")
+      continue
     try:
       if num_devices is None:
         mesh = parallel.make_mesh(p.config.mesh)

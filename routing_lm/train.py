@@ -185,7 +185,7 @@ def make_train_step(s: Setup) -> Callable[[dict[str, Any], Batch], tuple[dict[st
             "step": state["step"] + 1}, metrics
 
   batch_sh = parallel.batch_sharding(s.mesh)
-  return jax.jit(step_fn, in_shardings=(s.state_shardings, batch_sh),
+  return jax.jit(parallel.on_mesh(s.mesh, step_fn), in_shardings=(s.state_shardings, batch_sh),
                  out_shardings=(s.state_shardings, None), donate_argnums=(0,))
 
 
@@ -196,9 +196,9 @@ def make_eval_step(s: Setup) -> Callable[[dict[str, Any], Batch], dict[str, jax.
     model = nnx.merge(s.graphdef, params, other)
     _, out = compute_loss(model, batch, jax.random.key(0), train=False)
     return {"nll_sum": out["nll_sum"], "tokens": out["tokens"], "layers": out["layers"]}
-  return jax.jit(eval_fn, in_shardings=(s.state_shardings["params"],
-                                        s.state_shardings["other"],
-                                        parallel.batch_sharding(s.mesh)))
+  return jax.jit(parallel.on_mesh(s.mesh, eval_fn),
+                 in_shardings=(s.state_shardings["params"], s.state_shardings["other"],
+                               parallel.batch_sharding(s.mesh)))
 
 
 def to_global(s: Setup, batch: dict[str, np.ndarray]) -> Batch:

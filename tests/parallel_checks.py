@@ -6,15 +6,20 @@ Sets 8 simulated CPU devices before importing jax (the rest of the suite runs on
 device, and a process cannot change its device count once jax has started), runs every
 check, and writes one JSON record per check: {"ok": bool, "error": traceback or null,
 ...measurements}. `tests/test_parallel.py` starts this script once and asserts each
-record, so a failure names the check and shows the numbers that failed. Not collected
-by pytest itself (no `test_` prefix).
+record, so a failure names the check and shows the numbers that failed (it starts the
+checks as two processes at once, split with --only). Not collected by pytest itself
+(no `test_` prefix).
 """
 from __future__ import annotations
 
 import os
 
+# 8 devices; LLVM optimisation off halves compile time, which dominates these checks
+# (every comparison is between two programs compiled with the same flags).
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                           + " --xla_force_host_platform_device_count=8").strip()
+                           + " --xla_force_host_platform_device_count=8"
+                           + " --xla_backend_optimization_level=0"
+                           + " --xla_llvm_disable_expensive_passes=true").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import argparse  # noqa: E402
@@ -33,7 +38,6 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
-from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from configs import tiny  # noqa: E402
 from routing_lm import parallel, train  # noqa: E402
@@ -112,9 +116,7 @@ def loss_and_grads(s, params, other, batch, *, seed=3, train_mode=True):
     p = jax.device_put(params, sh["params"])
     o = jax.device_put(other, sh["other"])
     (loss, out), grads = fn(p, o, train.to_global(s, batch))
-  grads_sh = jax.tree.map(lambda a: str(a.sharding.spec), grads)
-  return (float(loss), jax.tree.map(np.asarray, grads), jax.tree.map(np.asarray, out),
-          grads_sh)
+  return float(loss), jax.tree.map(np.asarray, grads), jax.tree.map(np.asarray, out)
 
 
 def paths(tree) -> dict[str, object]:
@@ -154,42 +156,73 @@ def count_ops(hlo: str) -> dict[str, int]:
 
 # ---------------------------------------------------------------- checks
 def check_equivalence(rec):
-  """Loss and gradients on every mesh equal a 1-device run with the same token grouping."""
+  """Loss and gradients on every mesh equal a 1-device run with the same token grouping
+  (num_groups = data x expert, the default a mesh sets), for every router; S-BASE's
+  global-scope Sinkhorn on two meshes too."""
   batch = synthetic_batch()
-  results = {}
-  configs = [(r, None) for r in ROUTERS] + [("sbase-global", None)]
-  for name, _ in configs:
-    router = name.split("-")[0]
-    refs = {}
-    for mesh in MESHES:
+  rec["cases"] = {}
+  cases = [(r, m) for r in ROUTERS for m in MESHES]
+  cases += [("sbase-global", (2, 4, 1)), ("sbase-global", (2, 2, 2))]
+  refs = {}
+
+  def config(name, mesh, num_groups=1):
+    c = small_config(name.split("-")[0], mesh, num_groups=num_groups)
+    if name == "sbase-global":
+      c.model.routing.sbase.scope = "global"
+    return c
+
+  for name, mesh in cases:
+    key = f"{name}@{mesh}"
+    try:
       groups = mesh[0] * mesh[1]
-      if groups not in refs:
-        c = small_config(router, (1, 1, 1), num_groups=groups)
-        if name == "sbase-global":
-          c.model.routing.sbase.scope = "global"
-        s1 = make_setup(c)
+      if (name, groups) not in refs:
+        s1 = make_setup(config(name, (1, 1, 1), num_groups=groups))
         params, other = host_params(s1)
-        refs[groups] = (params, other, loss_and_grads(s1, params, other, batch))
-      params, other, (ref_loss, ref_grads, ref_out, _) = refs[groups]
-      if name == "sbase-global" and mesh not in ((2, 4, 1), (2, 2, 2)):
-        continue
-      c = small_config(router, mesh)
-      if name == "sbase-global":
-        c.model.routing.sbase.scope = "global"
-      s = make_setup(c)
-      loss, grads, out, _ = loss_and_grads(s, params, other, batch)
+        refs[name, groups] = (params, other, loss_and_grads(s1, params, other, batch))
+      params, other, (ref_loss, ref_grads, ref_out) = refs[name, groups]
+      s = make_setup(config(name, mesh))
+      loss, grads, out = loss_and_grads(s, params, other, batch)
       gdiff, gwhere = max_diff(grads, ref_grads)
-      key = f"{name}@{mesh}"
-      results[key] = {
+      res = {
           "num_groups": s.config.model.routing.num_groups,
           "loss": loss, "ref_loss": ref_loss, "loss_diff": abs(loss - ref_loss),
           "grad_diff": gdiff, "grad_diff_at": gwhere,
           "grad_max": max(float(np.max(np.abs(v))) for v in flat(ref_grads).values()),
+          "metrics_diff": max_diff(out["layers"], ref_out["layers"])[0],
+          "aux_diff": max_diff(out["aux"], ref_out["aux"])[0],
           "dropped": [float(l["dropped"]) for l in out["layers"]],
           "ref_dropped": [float(l["dropped"]) for l in ref_out["layers"]],
-          "ok": abs(loss - ref_loss) <= TOL and gdiff <= TOL}
-  rec["cases"] = results
-  rec["ok"] = all(r["ok"] for r in results.values())
+          "error": None}
+      res["ok"] = (res["loss_diff"] <= TOL and gdiff <= TOL and res["metrics_diff"] <= TOL
+                   and res["aux_diff"] <= TOL)
+    except Exception:  # noqa: BLE001
+      res = {"ok": False, "error": traceback.format_exc()}
+    rec["cases"][key] = res
+  rec["ok"] = all(r["ok"] for r in rec["cases"].values())
+
+
+def check_eval(rec):
+  """The jitted eval step (dropless by default: ragged_dot) on every mesh equals 1 device."""
+  batch = synthetic_batch()
+  rec["cases"] = {}
+  ref = None
+  for mesh in ((1, 1, 1),) + MESHES:
+    try:
+      s = make_setup(small_config("sbase", mesh))
+      if ref is None:
+        params, other = host_params(s)
+      with jax.set_mesh(s.mesh):
+        out = train.make_eval_step(s)(jax.device_put(params, s.state_shardings["params"]),
+                                      jax.device_put(other, s.state_shardings["other"]),
+                                      train.to_global(s, batch))
+      nll = float(out["nll_sum"])
+      ref = nll if ref is None else ref
+      rec["cases"][str(mesh)] = {"nll_sum": nll, "diff": abs(nll - ref),
+                                 "ok": abs(nll - ref) <= TOL * max(1.0, abs(ref)),
+                                 "error": None}
+    except Exception:  # noqa: BLE001
+      rec["cases"][str(mesh)] = {"ok": False, "error": traceback.format_exc()}
+  rec["ok"] = all(r["ok"] for r in rec["cases"].values())
 
 
 def check_param_specs(rec):
@@ -235,94 +268,99 @@ def check_activation_specs(rec):
   rec["ok"] = True
 
 
-def check_collectives(rec):
-  """Compiled train steps: all-to-all on expert meshes, none without an expert axis."""
-  batch = synthetic_batch()
-  rec["meshes"] = {}
-  for mesh in ((2, 2, 2), (1, 8, 1), (8, 1, 1)):
-    s = make_setup(small_config("sbase", mesh, zero1=True))
+_STEPS: dict = {}
+
+
+def train_step_for(mesh, zero1: bool):
+  """(setup, host copy of the initial state, jitted train step, collective counts) for
+  the HASH router (its fixed table is non-parameter state), built once per (mesh, zero1)
+  and shared by the checks below; compiling the step dominates their cost."""
+  if (mesh, zero1) not in _STEPS:
+    s = make_setup(small_config("hash", mesh, zero1=zero1))
     state = train.init_state(s)
     step = train.make_train_step(s)
-    with jax.set_mesh(s.mesh):
-      hlo = step.lower(state, train.to_global(s, batch)).compile().as_text()
-    rec["meshes"][str(mesh)] = count_ops(hlo)
+    # Lowered without `jax.set_mesh`: the step must carry its mesh itself.
+    compiled = step.lower(state, train.to_global(s, synthetic_batch())).compile()
+    _STEPS[mesh, zero1] = (s, state, compiled, count_ops(compiled.as_text()))
+  s, state, compiled, ops = _STEPS[mesh, zero1]
+  fresh = jax.tree.map(jnp.copy, state)   # the step donates its input state
+  return s, fresh, compiled, ops
+
+
+def run_steps(s, state, step, n: int):
+  with jax.set_mesh(s.mesh):
+    for i in range(n):
+      state, metrics = step(state, train.to_global(s, synthetic_batch(i)))
+  return state, metrics
+
+
+def check_collectives(rec):
+  """Compiled train steps: all-to-all on expert meshes, none without an expert axis."""
+  rec["meshes"] = {str(m): train_step_for(m, True)[3]
+                   for m in ((2, 2, 2), (1, 8, 1), (2, 4, 1), (8, 1, 1))}
   rec["ok"] = True
 
 
 def check_zero1(rec):
   """ZeRO-1: optimizer state over `data`, ~1/data bytes per device; params not over data;
-  one step with ZeRO-1 equals one step without it."""
-  batch = synthetic_batch()
+  two steps with ZeRO-1 equal two steps without it; the step keeps every sharding."""
   rec["meshes"] = {}
   for mesh in ((8, 1, 1), (2, 2, 2)):
-    out = {}
-    states = {}
+    out, after = {"data": mesh[0]}, {}
     for zero1 in (False, True):
-      s = make_setup(small_config("topk", mesh, zero1=zero1))
-      state = train.init_state(s)
+      s, state, step, _ = train_step_for(mesh, zero1)
       dev = s.mesh.devices.flat[0]
       nbytes = lambda tree: sum(sh.data.nbytes for a in jax.tree.leaves(tree)
                                 for sh in a.addressable_shards if sh.device == dev)
       tag = "zero1" if zero1 else "replicated"
       out[f"opt_bytes_{tag}"] = nbytes(state["opt"])
       out[f"param_bytes_{tag}"] = nbytes(state["params"])
-      out[f"opt_total_bytes"] = sum(a.nbytes for a in jax.tree.leaves(state["opt"]))
+      out["opt_total_bytes"] = sum(a.nbytes for a in jax.tree.leaves(state["opt"]))
+      new, _ = run_steps(s, state, step, 2)
+      after[zero1] = jax.tree.map(np.asarray, new["params"])
       if zero1:
-        opt_specs = [spec_of(a) for a in jax.tree.leaves(state["opt"]) if a.ndim]
-        out["opt_leaves_with_data"] = sum(
-            any("data" in (x if isinstance(x, list) else [x]) for x in sp) for sp in opt_specs)
-        out["opt_array_leaves"] = len(opt_specs)
-        out["param_specs_with_data"] = [
-            k for k, v in paths(state["params"]).items()
-            if "data" in str(v.sharding.spec)]
-        out["state_opt_shardings_with_data"] = sum(
-            "data" in str(sh.spec) for sh in jax.tree.leaves(s.state_shardings["opt"]))
-      step = train.make_train_step(s)
-      with jax.set_mesh(s.mesh):
-        new, metrics = step(state, train.to_global(s, batch))
-        new, metrics = step(new, train.to_global(s, synthetic_batch(1)))
-      states[zero1] = new
-      if zero1:
-        out["opt_specs_after_step_kept"] = all(
+        opt = paths(state["opt"])
+        out["opt_array_leaves"] = sum(a.ndim > 0 for a in opt.values())
+        out["opt_leaves_without_data"] = [k for k, a in opt.items()
+                                          if a.ndim and "data" not in str(a.sharding.spec)]
+        out["param_leaves_with_data"] = [k for k, a in paths(state["params"]).items()
+                                         if "data" in str(a.sharding.spec)]
+        out["opt_shardings_kept_after_steps"] = all(
             a.sharding.is_equivalent_to(sh, a.ndim) for a, sh in zip(
                 jax.tree.leaves(new["opt"]), jax.tree.leaves(s.state_shardings["opt"])))
-        out["param_specs_after_step_with_data"] = [
-            k for k, v in paths(new["params"]).items() if "data" in str(v.sharding.spec)]
+        out["param_leaves_with_data_after_steps"] = [
+            k for k, a in paths(new["params"]).items() if "data" in str(a.sharding.spec)]
     out["ratio"] = out["opt_bytes_zero1"] / out["opt_bytes_replicated"]
-    out["data"] = mesh[0]
-    out["params_after_2_steps_diff"] = max_diff(states[True]["params"], states[False]["params"])[0]
+    out["params_after_2_steps_diff"] = max_diff(after[True], after[False])[0]
     rec["meshes"][str(mesh)] = out
   rec["ok"] = True
 
 
 def check_checkpoint(rec):
-  """Saved on (2,2,2), restored on (8,1,1) (and the reverse mesh's shardings)."""
+  """Saved on (2,2,2), restored on (8,1,1): identical values, the new mesh's shardings,
+  and the restored state trains there."""
   from routing_lm.checkpoint import Checkpointer
-  batch = synthetic_batch()
-  s_a = make_setup(small_config("hash", (2, 2, 2), zero1=True))
-  state = train.init_state(s_a)
-  with jax.set_mesh(s_a.mesh):
-    state, _ = train.make_train_step(s_a)(state, train.to_global(s_a, batch))
+  s_a, state, step_a, _ = train_step_for((2, 2, 2), True)
+  state, _ = run_steps(s_a, state, step_a, 1)
   saved = jax.tree.map(np.asarray, state)
+  s_b, _, step_b, _ = train_step_for((8, 1, 1), True)
   with tempfile.TemporaryDirectory() as workdir:
     ck = Checkpointer(workdir, s_a.config, every=1, keep=2)
     ck.save_now(1, state)
     ck.close()
-    s_b = make_setup(small_config("hash", (8, 1, 1), zero1=True))
     ck = Checkpointer(workdir, s_b.config, every=1, keep=2)
     restored = ck.restore_latest(s_b.abstract_state, required=True)
     ck.close()
   rec["params_diff"] = max_diff(saved["params"], restored["params"])[0]
   rec["other_diff"] = max_diff(saved["other"], restored["other"])[0]
   rec["opt_diff"] = max_diff(saved["opt"], restored["opt"])[0]
+  rec["other_leaves"] = len(jax.tree.leaves(restored["other"]))
   rec["step"] = int(restored["step"])
   rec["restored_on_target_mesh"] = all(
       a.sharding.mesh.shape_tuple == s_b.mesh.shape_tuple
       and a.sharding.is_equivalent_to(sh, a.ndim)
       for a, sh in zip(jax.tree.leaves(restored), jax.tree.leaves(s_b.state_shardings)))
-  # The restored state trains on the new mesh.
-  with jax.set_mesh(s_b.mesh):
-    _, metrics = train.make_train_step(s_b)(restored, train.to_global(s_b, batch))
+  _, metrics = run_steps(s_b, restored, step_b, 1)
   rec["loss_after_restore"] = float(metrics["loss"])
   rec["ok"] = True
 
@@ -373,6 +411,7 @@ def check_bad_input(rec):
 
 CHECKS = {
     "equivalence": check_equivalence,
+    "eval": check_eval,
     "param_specs": check_param_specs,
     "activation_specs": check_activation_specs,
     "collectives": check_collectives,

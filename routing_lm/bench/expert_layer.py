@@ -57,16 +57,29 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
   return p.parse_args(argv)
 
 
+def compile_fn(fn: Callable[..., Any], *args) -> Callable[[], Any]:
+  """Compiles `fn` once; returns a zero-argument call that blocks on every output."""
+  compiled = jax.jit(fn).lower(*args).compile()
+  return lambda: jax.block_until_ready(compiled(*args))
+
+
 def time_fn(fn: Callable[..., Any], *args, runs: int) -> float:
   """Median seconds of `runs` calls of the compiled `fn` after one warm-up call."""
-  compiled = jax.jit(fn).lower(*args).compile()
-  jax.block_until_ready(compiled(*args))
-  times = []
+  return time_interleaved({"fn": compile_fn(fn, *args)}, runs)["fn"]
+
+
+def time_interleaved(calls: dict[str, Callable[[], Any]], runs: int) -> dict[str, float]:
+  """Median seconds per call: one warm-up each, then `runs` rounds that time every call
+  once in turn, so slow drifts in machine load (a shared machine) hit all alike."""
+  for call in calls.values():
+    call()
+  times: dict[str, list[float]] = {name: [] for name in calls}
   for _ in range(runs):
-    start = time.perf_counter()
-    jax.block_until_ready(compiled(*args))
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
+    for name, call in calls.items():
+      start = time.perf_counter()
+      call()
+      times[name].append(time.perf_counter() - start)
+  return {name: statistics.median(t) for name, t in times.items()}
 
 
 def machine(runs: int) -> tuple[float, float]:
@@ -119,14 +132,21 @@ def train_flops(args: argparse.Namespace, router_params: int) -> float:
   return 3.0 * (4 * t * d * f + 2 * t * router_params)
 
 
-def measure_layer(args, layer, routed: bool, x, peak, bandwidth):
+def prepare_layer(args, layer, routed: bool, x, peak, bandwidth):
+  """(compiled forward+backward call, bound in seconds) for one layer."""
   step, (params, rest) = train_step_fn(layer, routed)
-  seconds = time_fn(step, params, rest, x, jax.random.key(0), runs=args.runs)
+  call = compile_fn(step, params, rest, x, jax.random.key(0))
   router = n_params(nnx.state(layer.router, nnx.Param)) if routed else 0
   flops = train_flops(args, router)
   param_bytes = sum(a.nbytes for a in jax.tree.leaves(params))
-  bound = max(flops / peak, 3 * param_bytes / bandwidth)
-  return seconds, bound
+  return call, max(flops / peak, 3 * param_bytes / bandwidth)
+
+
+class _WithRouter:
+  """The routed FFW's attributes with another router object (to differentiate it alone)."""
+
+  def __init__(self, router, layer):
+    self.router, self.global_router = router, layer.global_router
 
 
 def breakdown(args, m, x) -> None:
@@ -142,9 +162,11 @@ def breakdown(args, m, x) -> None:
   buf = dispatch.gather_in(x, plan)
   gd, params, rest = nnx.split(layer, nnx.Param, ...)
 
+  rgd, rparams, rrest = nnx.split(layer.router, nnx.Param, ...)
+
   def router_fn(params, xs):
-    mod = nnx.merge(gd, params, rest)
-    out = mod.route(xs, ids, True, jax.random.key(0))
+    out = layer.route.__func__(_WithRouter(nnx.merge(rgd, params, rrest), layer), xs, ids,
+                               True, jax.random.key(0))
     return jnp.sum(out.weights) + sum(jax.tree.leaves(out.aux_losses), jnp.zeros(()))
 
   def experts_fn(params, buf):
@@ -154,7 +176,7 @@ def breakdown(args, m, x) -> None:
   ids_t = routing.expert_ids[0]
   w = routing.weights[0]
   pieces = {
-      "router (+grad)": (jax.grad(router_fn, argnums=(0, 1)), (params, xs)),
+      "router (+grad)": (jax.grad(router_fn, argnums=(0, 1)), (rparams, xs)),
       "plan (sort)": (lambda ids: dispatch.plan(ids, e, cap), (ids_t,)),
       "gather_in (+grad)": (jax.grad(lambda x: jnp.sum(dispatch.gather_in(x, plan) ** 2)), (x,)),
       "experts (+grad)": (jax.grad(experts_fn, argnums=(0, 1)), (params, buf)),
@@ -177,32 +199,45 @@ def main(argv: Sequence[str] | None = None) -> None:
   x = jax.random.normal(jax.random.key(0), (1, args.tokens, args.d_model), jnp.float32)
   m = model_config(args, "uniform", 1, 1)
   with nnx.use_eager_sharding(False):
-    dense_s, dense_b = measure_layer(args, DenseFFW(m, rngs=nnx.Rngs(params=0)), False, x,
-                                     peak, bandwidth)
-  print(f"dense FFW: {1e3 * dense_s:.1f} ms (bound {1e3 * dense_b:.1f} ms, "
-        f"time/bound {dense_s / dense_b:.2f})")
+    dense = DenseFFW(m, rngs=nnx.Rngs(params=0))
+  # The dense FFW on [T, d] (its fastest layout here) and as the model calls it, [B, S, d].
+  calls, bounds = {}, {}
+  calls["dense"], bounds["dense"] = prepare_layer(args, dense, False, x[0], peak, bandwidth)
+  calls["dense3d"], bounds["dense3d"] = prepare_layer(args, dense, False, x, peak, bandwidth)
   if args.granularity:
     points = [(args.gran_experts, int(g)) for g in args.gran_values.split(",")]
     head = f"{'G':>4} {'experts':>8} {'width':>6}"
   else:
     points = [(int(e), 1) for e in args.experts.split(",")]
     head = f"{'E':>4}"
-  print(f"{head} {'router':>8} {'ms':>9} {'/dense':>7} {'bound ms':>9} {'time/bound':>10} "
-        f"{'(time/bound)/dense':>18}")
-  times: dict[tuple[str, int, int], float] = {}
   for e, g in points:
     for router in routers:
       m = model_config(args, router, e, g)
       with nnx.use_eager_sharding(False):
         layer = RoutedFFW(m, rngs=nnx.Rngs(params=0))
-      s, b = measure_layer(args, layer, True, x, peak, bandwidth)
-      times[router, e, g] = s
+      calls[router, e, g], bounds[router, e, g] = prepare_layer(args, layer, True, x, peak,
+                                                                bandwidth)
+      del layer
+  times = time_interleaved(calls, args.runs)
+  dense_s, dense_b = times["dense"], bounds["dense"]
+  print(f"dense FFW [T, d]: {1e3 * dense_s:.1f} ms (bound {1e3 * dense_b:.1f} ms, "
+        f"time/bound {dense_s / dense_b:.2f}); as called in the model, [1, T, d]: "
+        f"{1e3 * times['dense3d']:.1f} ms")
+  print(f"{head} {'router':>8} {'ms':>9} {'/dense':>7} {'bound ms':>9} {'time/bound':>10} "
+        f"{'(time/bound)/dense':>18}")
+  for e, g in points:
+    for router in routers:
+      s, b = times[router, e, g], bounds[router, e, g]
       lead = (f"{g:>4} {e * g:>8} {args.d_ff // g:>6}" if args.granularity else f"{e:>4}")
       print(f"{lead} {router:>8} {1e3 * s:9.1f} {s / dense_s:7.2f} {1e3 * b:9.1f} "
             f"{s / b:10.2f} {(s / b) / (dense_s / dense_b):18.2f}", flush=True)
-      if args.breakdown:
+  if args.breakdown:
+    for e, g in points:
+      for router in routers:
+        print(f"breakdown {router} E={e} G={g}:")
         with nnx.use_eager_sharding(False):
-          breakdown(args, m, x[0])
+          breakdown(args, model_config(args, router, e, g), x[0])
+  times = {k: v for k, v in times.items() if isinstance(k, tuple)}
   r0 = routers[0]
   if args.granularity:
     e = args.gran_experts

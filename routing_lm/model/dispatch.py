@@ -52,7 +52,7 @@ def plan(expert_ids: jax.Array, num_experts: int, cap: int) -> Plan:
   filled = jnp.arange(cap)[None, :] < counts[:, None]
   slot_token = jnp.where(filled, order[jnp.minimum(slot, t * k - 1)] % t, t)
   return Plan(order, counts, slot_token, token_slot.reshape(k, t).T,
-              1.0 - jnp.mean(kept.astype(jnp.float32)))
+              jnp.mean((~kept).astype(jnp.float32)))
 
 
 def gather_in(x: jax.Array, p: Plan) -> jax.Array:

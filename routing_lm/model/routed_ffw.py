@@ -8,6 +8,7 @@ groups to experts and back, which XLA lowers to two all-to-alls.
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -19,6 +20,10 @@ from routing_lm import parallel, routers
 from routing_lm.model import dispatch
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+# Expert slots per expert below which the CPU backend loops over experts (see Experts).
+CPU_LOOP_BELOW = 256
 
 
 def gelu(x: jax.Array) -> jax.Array:
@@ -38,7 +43,27 @@ class Experts(nnx.Module):
                         out_sharding=("expert", "mlp", "embed"))
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    """x [..., E, C, d] -> [..., E, C, d]: one batched matmul per projection."""
+    """x [..., E, C, d] -> [..., E, C, d]: one batched matmul per projection.
+
+    One group on the CPU backend (no mesh; leading dims of size 1) runs on [E, C, d]:
+    XLA:CPU lowers the weight-gradient dot with an extra unit dimension (two contracting
+    dims) about 2x slower. There, with few slots per expert (C < CPU_LOOP_BELOW, where
+    the step is bound by streaming the E expert weights), the experts run one at a time
+    in a `lax.map`: about 20% faster than the batched matmul at E = 512, C = 64.
+    """
+    lead = x.shape[:-3]
+    if (lead and math.prod(lead) == 1 and jax.default_backend() == "cpu"
+        and parallel._active_mesh() is None):
+      x3 = x.reshape(x.shape[-3:])
+      if x3.shape[1] < CPU_LOOP_BELOW:
+        wi, wo = self.wi[...].astype(x.dtype), self.wo[...].astype(x.dtype)
+        y = jax.lax.map(lambda a: gelu(a[0] @ a[1]) @ a[2], (x3, wi, wo))
+      else:
+        y = self._ffw(x3)
+      return y.reshape(x.shape)
+    return self._ffw(x)
+
+  def _ffw(self, x: jax.Array) -> jax.Array:
     h = gelu(jnp.einsum("...ecd,edf->...ecf", x, self.wi[...].astype(x.dtype)))
     return jnp.einsum("...ecf,efd->...ecd", h, self.wo[...].astype(x.dtype))
 
@@ -75,7 +100,8 @@ class RoutedFFW(nnx.Module):
       out = self.router(x.reshape(g * t, d), ids.reshape(-1), train=train, rng=rng)
       split = lambda a: a.reshape(g, t, *a.shape[1:])
       return out.replace(expert_ids=split(out.expert_ids), weights=split(out.weights),
-                         log_probs=None if out.log_probs is None else split(out.log_probs))
+                         log_probs=None if out.log_probs is None else split(out.log_probs),
+                         metrics=jax.tree.map(lambda a: a[None], out.metrics))  # 1 "group"
     call = lambda xg, ig, rg: self.router(xg, ig, train=train, rng=rg)
     return jax.vmap(call)(x, ids, jax.random.split(rng, g))
 

@@ -52,6 +52,7 @@ def _jsonable(x):
 
 def format_count(n: float) -> str:
   """A count with a unit, as the papers write sizes: 1.3B, 100M, 7.94T."""
+  n = float(f"{n:.3g}")        # round first, so 999.99...B prints as 1T
   for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
     if n >= scale:
       return f"{n / scale:.3g}{unit}"

@@ -1,0 +1,128 @@
+"""Step time and per-device memory of configs/tiny.py on each (data, expert, model) mesh.
+
+    python -m routing_lm.bench.parallel [--steps 10] [--router sbase] [--experts 8]
+                                        [--batch 16] [--meshes 8,1,1 2,4,1 2,2,2 1,8,1]
+
+Runs on 8 simulated CPU devices (it sets `--xla_force_host_platform_device_count=8`
+before importing jax), so the step times compare the programs XLA builds for each mesh
+(their collectives and per-device work) on 2-16 host cores, not real interconnects. For
+each mesh, with ZeRO-1 off and on: the compiled train step (`train.make_train_step`),
+one warm-up step, then the median of `--steps` timed steps (each ending in
+`block_until_ready`). Memory is per device, from the shards of the live arrays on the
+mesh's first device: parameters, optimizer state, and their sum; `temp` is XLA's
+scratch estimate for the step (`memory_analysis().temp_size_in_bytes`). A 1-device
+row (same token grouping as the 8-device meshes) comes first as the reference.
+The last line is `zero1_opt_ratio_<mesh>=..` for each mesh (per-device optimizer
+bytes with ZeRO-1 / without).
+"""
+from __future__ import annotations
+
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                           + " --xla_force_host_platform_device_count=8").strip()
+
+import argparse  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+DEFAULT_MESHES = ("8,1,1", "2,4,1", "2,2,2", "1,8,1")
+
+
+def device_bytes(tree, device) -> int:
+  """Bytes of `tree`'s shards that live on `device`."""
+  return sum(sh.data.nbytes for a in jax.tree.leaves(tree) for sh in a.addressable_shards
+             if sh.device == device)
+
+
+def synthetic_batch(batch: int, seq: int, vocab: int) -> dict[str, np.ndarray]:
+  rng = np.random.default_rng(0)
+  toks = rng.integers(3, vocab, size=(batch, seq + 1)).astype(np.int32)
+  return {"inputs": toks[:, :-1], "targets": toks[:, 1:],
+          "segment_ids": np.ones((batch, seq), np.int32),
+          "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), (batch, seq)).copy(),
+          "weights": np.ones((batch, seq), np.float32)}
+
+
+def measure(config, mesh_shape: tuple[int, int, int], zero1: bool, steps: int,
+            num_groups: int = 1) -> dict:
+  from routing_lm import parallel, train
+  c = config.copy_and_resolve_references()
+  c.mesh.data, c.mesh.expert, c.mesh.model = mesh_shape
+  c.train.zero1 = zero1
+  c.model.routing.num_groups = num_groups
+  mesh = parallel.make_mesh(c.mesh, devices=jax.devices()[:int(np.prod(mesh_shape))])
+  s = train.setup(c, mesh)
+  state = train.init_state(s)
+  step = train.make_train_step(s)
+  host = synthetic_batch(c.data.batch_size, c.data.seq_len, c.model.vocab_size)
+  dev = s.mesh.devices.flat[0]
+  row = {"params": device_bytes(state["params"], dev), "opt": device_bytes(state["opt"], dev)}
+  with jax.set_mesh(s.mesh):
+    batch = train.to_global(s, host)
+    t0 = time.perf_counter()
+    compiled = step.lower(state, batch).compile()
+    row["compile_s"] = time.perf_counter() - t0
+    hlo = compiled.as_text()
+    row["all_to_all"] = hlo.count(" all-to-all(") + hlo.count(" all-to-all-start(")
+    mem = compiled.memory_analysis()
+    row["temp"] = getattr(mem, "temp_size_in_bytes", float("nan")) if mem else float("nan")
+    state, metrics = compiled(state, batch)                        # warm-up
+    jax.block_until_ready(metrics["loss"])
+    times = []
+    for _ in range(steps):
+      t0 = time.perf_counter()
+      state, metrics = compiled(state, batch)
+      jax.block_until_ready(metrics["loss"])
+      times.append(time.perf_counter() - t0)
+  row["step_s"] = statistics.median(times)
+  row["loss"] = float(metrics["loss"])
+  row["groups"] = s.config.model.routing.num_groups
+  return row
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--steps", type=int, default=10)
+  parser.add_argument("--router", default="sbase")
+  parser.add_argument("--experts", type=int, default=8)
+  parser.add_argument("--batch", type=int, default=16, help="global batch (sequences)")
+  parser.add_argument("--meshes", nargs="+", default=list(DEFAULT_MESHES))
+  args = parser.parse_args()
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(
+      os.path.abspath(__file__)))))          # configs/ lives at the repo root
+  from configs import tiny
+
+  config = tiny.get_config(f"{args.router},{args.experts}")
+  config.data.batch_size = args.batch
+  meshes = [tuple(int(x) for x in m.split(",")) for m in args.meshes]
+  groups = max(m[0] * m[1] for m in meshes)
+  mib = lambda b: b / 2 ** 20
+  print(f"tiny {args.router} E={args.experts}: d_model {config.model.d_model}, "
+        f"{config.model.num_layers} layers, batch {args.batch} x {config.data.seq_len}, "
+        f"{config.model.dtype}; {jax.device_count()} {jax.devices()[0].platform} devices; "
+        f"median of {args.steps} steps")
+  header = (f"{'mesh (d,e,m)':<13}{'zero1':>6}{'groups':>7}{'step ms':>9}{'compile s':>10}"
+            f"{'a2a':>5}{'params MiB':>11}{'opt MiB':>9}{'p+opt MiB':>10}{'temp MiB':>9}"
+            f"{'loss':>8}")
+  print(header)
+  print("-" * len(header))
+  ratios = {}
+  runs = [((1, 1, 1), False, groups)] + [(m, z, 1) for m in meshes for z in (False, True)]
+  for mesh, zero1, g in runs:
+    r = measure(config, mesh, zero1, args.steps, num_groups=g)
+    print(f"{str(mesh):<13}{'on' if zero1 else 'off':>6}{r['groups']:>7}"
+          f"{1e3 * r['step_s']:>9.1f}{r['compile_s']:>10.1f}{r['all_to_all']:>5}"
+          f"{mib(r['params']):>11.3f}{mib(r['opt']):>9.3f}{mib(r['params'] + r['opt']):>10.3f}"
+          f"{mib(r['temp']):>9.3f}{r['loss']:>8.4f}", flush=True)
+    ratios.setdefault(mesh, {})[zero1] = r["opt"]
+  print(" ".join(f"zero1_opt_ratio_{'x'.join(map(str, m))}={v[True] / v[False]:.3f}"
+                 for m, v in ratios.items() if True in v and False in v))
+
+
+if __name__ == "__main__":
+  main()
