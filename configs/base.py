@@ -18,6 +18,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.d_model = 896
   c.model.num_layers = 12
   c.model.num_heads = 16
+  c.model.head_dim = config_dict.placeholder(int)   # None = d_model // num_heads
   c.model.d_ff = 3584
   c.model.dtype = "bfloat16"        # compute dtype; router math is always float32
   c.model.param_dtype = "float32"

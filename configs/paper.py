@@ -30,9 +30,7 @@ Gopher family table (Rae et al. 2021, Table 1: 6e-4 at 44M and 117M, 2e-4 at 417
 
 Sizes count N = L (4 d h k + 2 d d_ff): the spec's formula without its relative-position
 projection, because this codebase uses rotary positions (no parameters). 130m has
-16 heads of 64 (h k = 1024 != d_model = 896) in the spec; when the model supports
-`model.head_dim` this config uses it, otherwise it takes 14 heads of 64 (h k = d_model),
-which gives N = 115.6M instead of 121.1M (see tests/test_configs.py).
+16 heads of 64 (h k = 1024 != d_model = 896) in the spec, set through `model.head_dim`.
 
 Every config is validated when loaded (`routing_lm.config.validate`): a bad size, router,
 key or value raises ConfigError naming it and listing what is allowed.
@@ -152,10 +150,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   m = c.model
   m.vocab_size = 32_000
   m.d_model, m.num_layers, m.d_ff = d_model, num_layers, d_ff
-  if "head_dim" in m:
-    m.num_heads, m.head_dim = num_heads, head_size
-  else:   # heads x head size must equal d_model: keep the head size, adjust the count
-    m.num_heads = d_model // head_size
+  m.num_heads, m.head_dim = num_heads, head_size
   m.dtype, m.param_dtype = "bfloat16", "float32"
 
   r = m.routing

@@ -10,6 +10,7 @@ COMMANDS_FILE="${ROUTING_LM_COMMANDS_FILE:-}"
 RUN="${ROUTING_LM_RUN:-}"
 WORKDIR="${ROUTING_LM_WORKDIR:-}"
 PYTHON="${ROUTING_LM_PYTHON:-python3}"
+NUM_DEVICES="${ROUTING_LM_NUM_DEVICES:-}"
 DETACH=0
 
 usage() {
@@ -27,6 +28,8 @@ sequence under nohup on the workers and returns.
   --commands-file FILE    take the commands from FILE ('-': stdin) instead (ROUTING_LM_COMMANDS_FILE)
   --run RUN               sweep name for logs and workdir (default from the file) (ROUTING_LM_RUN)
   --workdir gs://...      instead of gs://BUCKET/sweeps/RUN (ROUTING_LM_WORKDIR)
+  --num-devices N         devices in the slice, to check each point's mesh against
+                          (default: this machine's) (ROUTING_LM_NUM_DEVICES)
   --detach                start all points in the background on the workers and return
   Python for the expansion: \$ROUTING_LM_PYTHON (default python3)
 EOF
@@ -39,6 +42,7 @@ script_flag() {
     --commands-file) need_value "$@"; COMMANDS_FILE="$2"; SHIFT=2 ;;
     --run) need_value "$@"; RUN="$2"; SHIFT=2 ;;
     --workdir) need_value "$@"; WORKDIR="$2"; SHIFT=2 ;;
+    --num-devices) need_value "$@"; NUM_DEVICES="$2"; SHIFT=2 ;;
     --detach) DETACH=1 ;;
     *) return 1 ;;
   esac
@@ -60,6 +64,7 @@ else
   fi
   [[ $WORKDIR == gs://* ]] || die "--workdir must be a gs:// path: every worker reads and writes it"
   expand=("$PYTHON" -m routing_lm.sweep --sweep="$SWEEP" --workdir="$WORKDIR" --print-commands)
+  if [[ -n $NUM_DEVICES ]]; then expand+=(--num_devices="$NUM_DEVICES"); fi
   show "${expand[@]}" >&2
   commands="$(cd "$ROOT" && "${expand[@]}")" || die "could not expand $SWEEP (is routing_lm installed here?)"
 fi

@@ -49,10 +49,14 @@ def validate_model(c: ml_collections.ConfigDict) -> None:
   for f in ("vocab_size", "d_model", "num_layers", "num_heads", "d_ff"):
     _positive_int(c, f"model.{f}")
   m = c.model
-  _require(m.d_model % m.num_heads == 0, "model.num_heads", m.num_heads,
-           f"d_model={m.d_model} must be divisible by num_heads; pick a divisor of {m.d_model}")
-  _require((m.d_model // m.num_heads) % 2 == 0, "model.num_heads", m.num_heads,
-           "the head size d_model/num_heads must be even for rotary positions")
+  hd = m.get("head_dim")
+  if hd is None:
+    _require(m.d_model % m.num_heads == 0, "model.num_heads", m.num_heads,
+             f"d_model={m.d_model} must be divisible by num_heads; pick a divisor of "
+             f"{m.d_model}, or set model.head_dim")
+    hd = m.d_model // m.num_heads
+  _require(isinstance(hd, int) and hd >= 2 and hd % 2 == 0, "model.head_dim", hd,
+           "the head size must be an even integer >= 2 (rotary positions rotate pairs)")
   _require(m.dtype in DTYPES, "model.dtype", m.dtype, f"one of {DTYPES}")
   _require(m.param_dtype in DTYPES, "model.param_dtype", m.param_dtype, f"one of {DTYPES}")
 

@@ -41,6 +41,15 @@ class MetricWriter:
     self.jsonl.write(json.dumps({"step": step, **clean}) + "\n")
     self.jsonl.flush()
 
+  def last_value(self, key: str, up_to_step: int) -> float:
+    """The last logged `key` at or before `up_to_step` (0 if none): resumes continue it."""
+    path = os.path.join(self.workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+      return 0.0
+    values = [r[key] for r in read_jsonl(path)
+              if r.get(key) is not None and r["step"] <= up_to_step]
+    return float(values[-1]) if values else 0.0
+
   def write_summary(self, summary: dict[str, Any]) -> None:
     if not self.enabled:
       return

@@ -76,30 +76,36 @@ def on_mesh(mesh: jax.sharding.Mesh, fn: Callable[..., Any]) -> Callable[..., An
   return traced_on_mesh
 
 
-def make_mesh(mesh_cfg: ml_collections.ConfigDict,
-              devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
-  """A (data, expert, model) mesh with Auto axes; one -1 entry takes the remaining devices."""
-  devices = list(jax.devices() if devices is None else devices)
-  shape = [int(mesh_cfg[a]) for a in MESH_AXES]
-  for axis, size in zip(MESH_AXES, shape):
+def mesh_shape(mesh_cfg: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int, int]:
+  """The (data, expert, model) sizes for `num_devices`; one -1 entry takes the rest."""
+  given = {a: int(mesh_cfg[a]) for a in MESH_AXES}
+  shape = list(given.values())
+  for axis, size in given.items():
     if size == 0 or size < -1:
       raise ConfigError(f"config.mesh.{axis}={size} is invalid: a positive size, or -1 for "
                         "'the remaining devices'.")
   if shape.count(-1) > 1:
-    raise ConfigError(f"config.mesh={dict(zip(MESH_AXES, shape))} has more than one -1; "
-                      "at most one axis can take the remaining devices.")
+    raise ConfigError(f"config.mesh={given} has more than one -1; at most one axis can take "
+                      "the remaining devices.")
   known = math.prod(s for s in shape if s != -1)
   if -1 in shape:
-    if len(devices) % known:
-      raise ConfigError(f"config.mesh={dict(zip(MESH_AXES, shape))}: the fixed axes ({known}) "
-                        f"do not divide the {len(devices)} devices; make them divide it.")
-    shape[shape.index(-1)] = len(devices) // known
-  if math.prod(shape) != len(devices):
-    raise ConfigError(f"config.mesh={dict(zip(MESH_AXES, shape))} needs {math.prod(shape)} "
-                      f"devices but {len(devices)} are present; make data*expert*model = "
-                      f"{len(devices)} or set one axis to -1.")
-  return jax.make_mesh(tuple(shape), MESH_AXES, axis_types=(AxisType.Auto,) * 3,
-                       devices=devices)
+    if num_devices % known:
+      raise ConfigError(f"config.mesh={given}: the fixed axes ({known}) do not divide the "
+                        f"{num_devices} devices; make them divide it.")
+    shape[shape.index(-1)] = num_devices // known
+  if math.prod(shape) != num_devices:
+    raise ConfigError(f"config.mesh={given} needs {math.prod(shape)} devices but "
+                      f"{num_devices} are present; make data*expert*model = {num_devices} "
+                      "or set one axis to -1.")
+  return tuple(shape)
+
+
+def make_mesh(mesh_cfg: ml_collections.ConfigDict,
+              devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
+  """A (data, expert, model) mesh with Auto axes over `devices` (default: all)."""
+  devices = list(jax.devices() if devices is None else devices)
+  return jax.make_mesh(mesh_shape(mesh_cfg, len(devices)), MESH_AXES,
+                       axis_types=(AxisType.Auto,) * 3, devices=devices)
 
 
 def validate_mesh(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:

@@ -45,7 +45,6 @@ import dataclasses
 import difflib
 import importlib.util
 import json
-import math
 import os
 import pathlib
 import posixpath
@@ -267,16 +266,8 @@ def _abstract_mesh(mesh_cfg: ml_collections.ConfigDict, num_devices: int):
   """The (data, expert, model) mesh `parallel.make_mesh` would build on num_devices."""
   import jax
   from routing_lm import parallel
-  given = {a: int(mesh_cfg[a]) for a in parallel.MESH_AXES}
-  shape = list(given.values())
-  fixed = math.prod(s for s in shape if s != -1)
-  if shape.count(-1) == 1 and fixed > 0 and num_devices % fixed == 0:
-    shape[shape.index(-1)] = num_devices // fixed
-  if any(s < 1 for s in shape) or math.prod(shape) != num_devices:
-    raise ConfigError(f"config.mesh={given} does not fit {num_devices} devices; make "
-                      f"data*expert*model = {num_devices}, or set one axis to -1 and the "
-                      "others to divisors of the device count.")
-  return jax.sharding.AbstractMesh(tuple(shape), parallel.MESH_AXES)
+  return jax.sharding.AbstractMesh(parallel.mesh_shape(mesh_cfg, num_devices),
+                                   parallel.MESH_AXES)
 
 
 def check_points(points: Sequence[Point], num_devices: int | None = None) -> None:

@@ -283,6 +283,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, pipeline: Any | None 
     writer.write_config(config, counts.as_dict())
   else:
     log.info("resumed from step %d", start)
+  earlier_seconds = writer.last_value("wall_seconds", up_to_step=start)
   train_step, eval_step = make_train_step(s), make_eval_step(s)
   val_batches = pipe.validation_batches(t.eval_batches)
   routed = routed_layer_indices(config.model.num_layers, config.model.routing.routing_frequency,
@@ -291,25 +292,32 @@ def train(config: ml_collections.ConfigDict, workdir: str, pipeline: Any | None 
   progress = Progress(t.num_steps, start)
   last_log_time, last_log_step = time.time(), start
   train_loss = float("nan")
-  history: list[float] = []
+  history: list[float] = []                 # every step's loss (this invocation)
+  pending: list[jax.Array] = []             # losses not yet fetched from the device
+  val, val_step = None, -1
   batches: Iterator = pipe.train_batches(start)
   with _StopRequested() as stop:
     for step in range(start, min(t.num_steps, stop_at or t.num_steps)):
       with jax.set_mesh(s.mesh):
         state, metrics = train_step(state, to_global(s, next(batches)))
       done = step + 1
+      pending.append(metrics["loss"])
       if done % t.log_every == 0 or done == t.num_steps:
         flat = flatten_metrics(jax.device_get(metrics), routed)
         train_loss = flat["loss"]
-        history.append(train_loss)
+        window = [float(x) for x in jax.device_get(pending)]
+        history.extend(window)
+        pending.clear()
+        flat["loss_avg"] = float(np.mean(window))       # mean over the logging window
         now = time.time()
+        flat["wall_seconds"] = earlier_seconds + now - start_time
         flat["step_time"] = (now - last_log_time) / (done - last_log_step)
         flat["tokens_per_s"] = tokens_per_step / flat["step_time"]
         last_log_time, last_log_step = now, done
         writer.write(done, flat)
         progress.update(done, flat["loss"], flat["tokens_per_s"])
       if done % t.eval_every == 0 or done == t.num_steps:
-        val = evaluate(s, eval_step, state, val_batches)
+        val, val_step = evaluate(s, eval_step, state, val_batches), done
         writer.write(done, val)
         progress.note(f"step {done}: val_loss {val['val_loss']:.4f}")
       ckpt.maybe_save(done, state, force=done in (t.num_steps, stop_at))
@@ -324,13 +332,16 @@ def train(config: ml_collections.ConfigDict, workdir: str, pipeline: Any | None 
     writer.close()
     ckpt.close()
     return {"steps": int(state["step"]), "train_loss": train_loss, "finished": False}
-  val = evaluate(s, eval_step, state, val_batches)
+  if val_step != t.num_steps:               # the loop's last evaluation may already be final
+    val = evaluate(s, eval_step, state, val_batches)
+  # Smoothed train loss: the mean over the last 10% of steps (of this invocation).
   smoothed = float(np.mean(history[-max(1, len(history) // 10):])) if history else float("nan")
   summary = {"config": json.loads(config.to_json()), **counts.as_dict(),
              "steps": int(state["step"]), "tokens": int(state["step"]) * tokens_per_step,
              "train_flops": counts.train_flops_per_token * int(state["step"]) * tokens_per_step,
              "train_loss": train_loss, "train_loss_smoothed": smoothed,
-             "val_loss": val["val_loss"], "wall_seconds": time.time() - start_time}
+             "val_loss": val["val_loss"],
+             "wall_seconds": earlier_seconds + time.time() - start_time}
   writer.write_summary(summary)
   writer.close()
   ckpt.close()

@@ -7,7 +7,6 @@ projection, L d (h k); this codebase uses rotary positions (no parameters), so e
 is compared with the table's N minus that projection, within 2%.
 """
 import jax
-import ml_collections
 import pytest
 
 from configs import base, paper, tiny
@@ -25,7 +24,6 @@ SPEC = {
     "870m": (2048, 16, 16, 128, 8192, 872.4e6),
     "1.3b": (2048, 24, 16, 128, 8192, 1308.6e6),
 }
-HEAD_DIM_SUPPORTED = "head_dim" in base.get_config().model
 
 
 def spec_n_without_relpos(size):
@@ -40,13 +38,7 @@ def test_every_spec_size_is_named():
   assert list(paper.SIZES) == list(SPEC)
 
 
-@pytest.mark.parametrize("size", [
-    pytest.param(s, marks=pytest.mark.xfail(
-        s == "130m" and not HEAD_DIM_SUPPORTED, strict=True,
-        reason="130m has 16 heads x 64 = 1024 != d_model 896 in the spec; the model ties "
-               "heads x head size to d_model until it has a model.head_dim field, so "
-               "paper.py uses 14 x 64 heads and N is 4.5% below the spec"))
-    for s in SPEC])
+@pytest.mark.parametrize("size", list(SPEC))
 def test_paper_size_n_within_2_percent(size):
   c = paper.get_config(size)
   n = counting.count(c.model, c.data.seq_len).n_params
@@ -58,8 +50,7 @@ def test_paper_size_shape(size):
   d, layers, heads, head, d_ff, _ = SPEC[size]
   m = paper.get_config(size).model
   assert (m.d_model, m.num_layers, m.d_ff) == (d, layers, d_ff)
-  head_dim = m.get("head_dim") or m.d_model // m.num_heads
-  assert head_dim == head
+  assert (m.num_heads, m.head_dim) == (heads, head)
   assert m.d_ff == 4 * m.d_model
 
 

@@ -2,9 +2,9 @@
 sections 1 and 5). All counts exclude embeddings, the output layer and norms
 (Kaplan et al.); rotary positions have no parameters.
 
-    attention per block   4 d^2                    (q, k, v, o with heads x head size = d)
+    attention per block   4 d h k                  (q, k, v, o; h heads of size k, h k = d usually)
     FFW per block         2 d d_ff                 (one expert's worth when routed)
-    n_params  (N)         L (4 d^2 + 2 d d_ff)     the dense-equivalent size (paper's N)
+    n_params  (N)         L (4 d h k + 2 d d_ff)   the dense-equivalent size (paper's N)
     total_params (P)      N + n_routed ((E-1) 2 d d_ff + E G d)   experts + router
     active_params_nonemb  N + n_routed (K-1) 2 d d_ff             what one token uses
     total_params_nonemb   P - router params                       (Krajewski's N)
@@ -19,7 +19,7 @@ import dataclasses
 
 import ml_collections
 
-from routing_lm.model.transformer import routed_layer_indices
+from routing_lm.model.transformer import head_dim, routed_layer_indices
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,7 +45,7 @@ def count(m: ml_collections.ConfigDict, seq_len: int) -> Counts:
   e, k, g = r.num_experts, r.top_k, r.granularity
   n_routed = len(routed_layer_indices(layers, r.routing_frequency, e))
   ffw = 2 * d * f
-  n = layers * (4 * d * d + ffw)
+  n = layers * (4 * d * m.num_heads * head_dim(m) + ffw)
   router = n_routed * e * g * d
   experts_extra = n_routed * (e - 1) * ffw
   active = n + n_routed * (k - 1) * ffw

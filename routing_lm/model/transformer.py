@@ -33,6 +33,11 @@ def routed_layer_indices(num_layers: int, routing_frequency: float,
   return [i for i in range(num_layers) if int((i + 1) * r + 1e-9) > int(i * r + 1e-9)]
 
 
+def head_dim(m: ml_collections.ConfigDict) -> int:
+  """`model.head_dim`, or d_model // num_heads when it is None."""
+  return m.get("head_dim") or m.d_model // m.num_heads
+
+
 class RMSNorm(nnx.Module):
   def __init__(self, d: int, *, rngs: nnx.Rngs):
     self.scale = nnx.Param(jnp.ones((d,), jnp.float32), out_sharding=("embed",))
@@ -57,8 +62,7 @@ class Attention(nnx.Module):
   """Causal multi-head self-attention; packed sequences attend within their segment."""
 
   def __init__(self, m: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
-    d, h = m.d_model, m.num_heads
-    k = d // h
+    d, h, k = m.d_model, m.num_heads, head_dim(m)
     pd = DTYPES[m.param_dtype]
     init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
                                              in_axis=0, out_axis=(1, 2))
