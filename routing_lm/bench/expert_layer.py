@@ -16,9 +16,18 @@ square matmul) and memory bandwidth (a large array copy), and prints for every l
 
     bound = max(train FLOPs incl. router / peak, 3 * parameter bytes / bandwidth)
 
-(parameters read forward and backward, gradients written) and time / bound next to the
-raw routed / dense ratio. The last line is `routed_over_dense_E64=.. E512_over_E8=..`
-(uniform router), or `G8_over_G1=.. G16_over_G1=..` with `--granularity`.
+(parameters read forward and backward, gradients written), time / bound, and that
+normalised by the dense FFW's, next to the raw routed / dense ratio. The last column,
+time / (FLOPs / peak + bytes / bandwidth), is the same with no overlap of compute and
+weight traffic (XLA:CPU runs one op at a time): at E = 512 the weights and their
+gradients are 3.2 GB per step. The dense FFW runs on x [T, d], its faster layout here;
+the time as the model calls it, [B, S, d], is printed too (XLA:CPU is ~2x slower there).
+Timed runs are interleaved (each round times every layer once) so that load drifts on a
+shared machine hit every layer alike.
+
+The last line is `routed_over_dense_E64=.. E512_over_E8=..` (uniform router: the
+dispatch), or `G8_over_G1=.. G16_over_G1=..` with `--granularity`; the line before it
+gives the same ratios for sbase.
 """
 from __future__ import annotations
 
@@ -133,13 +142,13 @@ def train_flops(args: argparse.Namespace, router_params: int) -> float:
 
 
 def prepare_layer(args, layer, routed: bool, x, peak, bandwidth):
-  """(compiled forward+backward call, bound in seconds) for one layer."""
+  """(compiled forward+backward call, (FLOP seconds, weight-traffic seconds)) for a layer."""
   step, (params, rest) = train_step_fn(layer, routed)
   call = compile_fn(step, params, rest, x, jax.random.key(0))
   router = n_params(nnx.state(layer.router, nnx.Param)) if routed else 0
   flops = train_flops(args, router)
   param_bytes = sum(a.nbytes for a in jax.tree.leaves(params))
-  return call, max(flops / peak, 3 * param_bytes / bandwidth)
+  return call, (flops / peak, 3 * param_bytes / bandwidth)
 
 
 class _WithRouter:
@@ -159,7 +168,7 @@ def breakdown(args, m, x) -> None:
   cap = dispatch.capacity(t, e, k, args.capacity_factor)
   routing = layer.route(xs, ids, True, jax.random.key(0))
   plan = dispatch.plan(routing.expert_ids[0], e, cap)
-  buf = dispatch.gather_in(x, plan)
+  buf = dispatch.gather_in(x, plan)[None]                     # [1, E, C, d] as in the layer
   gd, params, rest = nnx.split(layer, nnx.Param, ...)
 
   rgd, rparams, rrest = nnx.split(layer.router, nnx.Param, ...)
@@ -181,7 +190,7 @@ def breakdown(args, m, x) -> None:
       "gather_in (+grad)": (jax.grad(lambda x: jnp.sum(dispatch.gather_in(x, plan) ** 2)), (x,)),
       "experts (+grad)": (jax.grad(experts_fn, argnums=(0, 1)), (params, buf)),
       "gather_out (+grad)": (jax.grad(lambda y, w: jnp.sum(dispatch.gather_out(y, plan, w) ** 2),
-                                      argnums=(0, 1)), (buf, w)),
+                                      argnums=(0, 1)), (buf[0], w)),
   }
   for name, (fn, fargs) in pieces.items():
     print(f"    {name:<20} {1e3 * time_fn(fn, *fargs, runs=args.runs):9.1f} ms")
@@ -219,18 +228,18 @@ def main(argv: Sequence[str] | None = None) -> None:
                                                                 bandwidth)
       del layer
   times = time_interleaved(calls, args.runs)
-  dense_s, dense_b = times["dense"], bounds["dense"]
+  dense_s, dense_b = times["dense"], max(bounds["dense"])
   print(f"dense FFW [T, d]: {1e3 * dense_s:.1f} ms (bound {1e3 * dense_b:.1f} ms, "
         f"time/bound {dense_s / dense_b:.2f}); as called in the model, [1, T, d]: "
         f"{1e3 * times['dense3d']:.1f} ms")
   print(f"{head} {'router':>8} {'ms':>9} {'/dense':>7} {'bound ms':>9} {'time/bound':>10} "
-        f"{'(time/bound)/dense':>18}")
+        f"{'(time/bound)/dense':>18} {'time/(F+B)':>10}")
   for e, g in points:
     for router in routers:
-      s, b = times[router, e, g], bounds[router, e, g]
+      s, b, add = times[router, e, g], max(bounds[router, e, g]), sum(bounds[router, e, g])
       lead = (f"{g:>4} {e * g:>8} {args.d_ff // g:>6}" if args.granularity else f"{e:>4}")
       print(f"{lead} {router:>8} {1e3 * s:9.1f} {s / dense_s:7.2f} {1e3 * b:9.1f} "
-            f"{s / b:10.2f} {(s / b) / (dense_s / dense_b):18.2f}", flush=True)
+            f"{s / b:10.2f} {(s / b) / (dense_s / dense_b):18.2f} {s / add:10.2f}", flush=True)
   if args.breakdown:
     for e, g in points:
       for router in routers:

@@ -113,7 +113,7 @@ def _gather_out_bwd(res, g):
   filled = slot_assign < t * k
   w_slot = jnp.where(filled, w.T.reshape(-1)[jnp.minimum(slot_assign, t * k - 1)], 0)
   g_slot = g[jnp.where(filled, slot_assign % t, 0)]                         # [E, C, d]
-  dy = (w_slot[..., None] * g_slot).astype(y.dtype)
+  dy = (w_slot[..., None] * g_slot).astype(y.dtype).reshape(y.shape)
   picked = _pad(y.reshape(-1, y.shape[-1]))[token_slot]
   dw = jnp.einsum("tkd,td->tk", picked, g).astype(w.dtype)
   return dy, dw, None, None

@@ -66,40 +66,40 @@ def format_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str
   return "\n".join("  ".join(v.rjust(w) for v, w in zip(r, widths)) for r in cells)
 
 
+def _plot_family(df: pd.DataFrame, coeffs: laws.RoutedCoeffs, title: str, x_col: str,
+                 group_col: str, grid: np.ndarray, curve, label, path, loss_column: str,
+                 x_label: str) -> Figure:
+  """One line of points and one fitted curve per value of `group_col`, against `x_col`."""
+  fig, ax = _figure(title, x_label, "validation loss")
+  series = []
+  for i, (g, rows) in enumerate(sorted(df.groupby(group_col), key=lambda t: t[0])):
+    rows = rows.sort_values(x_col)
+    fitted = curve(g, grid)
+    color = f"C{i % 10}"
+    ax.plot(rows[x_col], rows[loss_column], "o", color=color, label=label(g))
+    ax.plot(grid, fitted, "-", color=color, lw=1)
+    series.append({group_col: g, x_col: rows[x_col].tolist(),
+                   "loss": rows[loss_column].tolist(), f"fit_{x_col}": grid.tolist(),
+                   "fit_loss": fitted.tolist()})
+  return _save(fig, {"coefficients": laws.coefficients(coeffs), "series": series}, path)
+
+
 def plot_loss_vs_experts(df: pd.DataFrame, coeffs: laws.RoutedCoeffs,
                          path=None, loss_column: str = "val_loss") -> Figure:
   """Loss against E for each N, points and fitted curves (paper_spec.md section 2.2)."""
-  fig, ax = _figure("Loss vs experts", "experts E", "validation loss")
-  e_grid = np.geomspace(1, max(512.0, df["num_experts"].max()), 60)
-  series = []
-  for i, (n, rows) in enumerate(sorted(df.groupby("n_params"), key=lambda t: t[0])):
-    rows = rows.sort_values("num_experts")
-    curve = laws.routed_loss(n, e_grid, coeffs)
-    color = f"C{i % 10}"
-    ax.plot(rows["num_experts"], rows[loss_column], "o", color=color, label=f"N={format_count(n)}")
-    ax.plot(e_grid, curve, "-", color=color, lw=1)
-    series.append({"n_params": n, "num_experts": rows["num_experts"].tolist(),
-                   "loss": rows[loss_column].tolist(), "fit_num_experts": e_grid.tolist(),
-                   "fit_loss": curve.tolist()})
-  return _save(fig, {"coefficients": laws.coefficients(coeffs), "series": series}, path)
+  grid = np.geomspace(1, max(512.0, df["num_experts"].max()), 60)
+  return _plot_family(df, coeffs, "Loss vs experts", "num_experts", "n_params", grid,
+                      lambda n, e: laws.routed_loss(n, e, coeffs),
+                      lambda n: f"N={format_count(n)}", path, loss_column, "experts E")
 
 
 def plot_loss_vs_params(df: pd.DataFrame, coeffs: laws.RoutedCoeffs,
                         path=None, loss_column: str = "val_loss") -> Figure:
   """Loss against N for each E, points and fitted lines (paper_spec.md section 2.2)."""
-  fig, ax = _figure("Loss vs dense size", "parameters N", "validation loss")
-  n_grid = np.geomspace(df["n_params"].min() / 1.5, df["n_params"].max() * 1.5, 60)
-  series = []
-  for i, (e, rows) in enumerate(sorted(df.groupby("num_experts"), key=lambda t: t[0])):
-    rows = rows.sort_values("n_params")
-    curve = laws.routed_loss(n_grid, e, coeffs)
-    color = f"C{i % 10}"
-    ax.plot(rows["n_params"], rows[loss_column], "o", color=color, label=f"E={e:g}")
-    ax.plot(n_grid, curve, "-", color=color, lw=1)
-    series.append({"num_experts": e, "n_params": rows["n_params"].tolist(),
-                   "loss": rows[loss_column].tolist(), "fit_n_params": n_grid.tolist(),
-                   "fit_loss": curve.tolist()})
-  return _save(fig, {"coefficients": laws.coefficients(coeffs), "series": series}, path)
+  grid = np.geomspace(df["n_params"].min() / 1.5, df["n_params"].max() * 1.5, 60)
+  return _plot_family(df, coeffs, "Loss vs dense size", "n_params", "num_experts", grid,
+                      lambda e, n: laws.routed_loss(n, e, coeffs),
+                      lambda e: f"E={e:g}", path, loss_column, "parameters N")
 
 
 def plot_iso_loss(coeffs: laws.RoutedCoeffs, path=None, df: pd.DataFrame | None = None,
