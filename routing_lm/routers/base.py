@@ -16,7 +16,7 @@ Adding a router: one file with a `Router` subclass, and one line in `routers/__i
 """
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import flax
 import jax
@@ -86,6 +86,3 @@ def routing_metrics(expert_ids: jax.Array, num_experts: int,
           "dead_experts": jnp.mean(counts == 0).astype(jnp.float32),
           "entropy": entropy}
 
-
-def describe(cls: Any) -> str:
-  return (cls.__doc__ or cls.__name__).strip().splitlines()[0]
