@@ -51,7 +51,8 @@ def logical_to_spec(axes: Sequence[str | None]) -> P:
   return P(*(_RULES[a] if a is not None else None for a in axes))
 
 
-def _active_mesh():
+def active_mesh() -> jax.sharding.AbstractMesh | None:
+  """The multi-device mesh being traced under, or None (no mesh, or one device)."""
   mesh = jax.sharding.get_abstract_mesh()
   if mesh is None or mesh.empty or math.prod(mesh.axis_sizes) == 1:
     return None
@@ -60,7 +61,7 @@ def _active_mesh():
 
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
   """Sharding constraint by logical names; a no-op without a multi-device mesh."""
-  if _active_mesh() is None:
+  if active_mesh() is None:
     return x
   return jax.lax.with_sharding_constraint(x, logical_to_spec(axes))
 

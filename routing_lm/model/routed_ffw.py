@@ -53,7 +53,7 @@ class Experts(nnx.Module):
     """
     lead = x.shape[:-3]
     if (lead and math.prod(lead) == 1 and jax.default_backend() == "cpu"
-        and parallel._active_mesh() is None):
+        and parallel.active_mesh() is None):
       x3 = x.reshape(x.shape[-3:])
       if x3.shape[1] < CPU_LOOP_BELOW:
         wi, wo = self.wi[...].astype(x.dtype), self.wo[...].astype(x.dtype)
