@@ -20,7 +20,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from routing_lm import train  # noqa: E402
+from routing_lm import hugepages  # noqa: E402
 from routing_lm.metrics import read_jsonl  # noqa: E402
 
 
@@ -57,6 +57,7 @@ def plot(workdir: str, runs: dict[str, str]) -> str:
 
 
 def main() -> None:
+  hugepages.reexec()
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--workdir", default="/tmp/routing_lm_demo")
   parser.add_argument("--steps", type=int, default=300)
@@ -66,6 +67,7 @@ def main() -> None:
   from routing_lm.main import quiet_libraries
   quiet_libraries()
   from configs import tiny
+  from routing_lm import train
   results, runs = {}, {}
   for label, arg in (("dense", "sbase,1"), ("S-BASE", f"sbase,{args.experts}")):
     config = tiny.get_config(arg)

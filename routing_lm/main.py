@@ -17,6 +17,8 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from routing_lm import hugepages
+
 FLAGS = flags.DEFINE_string("workdir", None, "Directory (or gs:// path) for checkpoints, "
                             "TensorBoard logs, metrics.jsonl and summary.json.")
 MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"], "train (resumes if the workdir "
@@ -75,6 +77,7 @@ def main(argv: list[str]) -> None:
 
 def run() -> None:
   """Entry point of the `routing-lm` console script."""
+  hugepages.reexec()
   app.run(main)
 
 

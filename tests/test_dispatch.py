@@ -374,10 +374,10 @@ def test_no_tokens_by_experts_by_capacity_intermediate(router):
   assert max(math.prod(s) for s in all_shapes(bad)) >= limit
 
 
-def test_expert_loop_equals_batched_matmul(monkeypatch):
-  """Experts on one group: the CPU per-expert loop (few slots) and the batched matmul
-  agree in values and gradients, and with several groups."""
-  from routing_lm.model import routed_ffw
+def test_expert_loop_equals_batched_matmul():
+  """Experts on one group with few slots (the CPU per-expert loop with its hand-written
+  backward), on one group with many slots and on several groups (the batched matmul)
+  agree in values and in every gradient."""
   with nnx.use_eager_sharding(False):
     ex = Experts(4, 8, 12, jnp.float32, rngs=nnx.Rngs(params=0))
   gd, params = nnx.split(ex)
@@ -387,17 +387,20 @@ def test_expert_loop_equals_batched_matmul(monkeypatch):
     f = lambda p, x: jnp.sum(jnp.sin(nnx.merge(gd, p)(x)))
     return jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(params, x)
 
-  has_scan = lambda: "scan" in str(jax.make_jaxpr(lambda p, x: nnx.merge(gd, p)(x))(params, x))
+  jaxpr = lambda x: str(jax.make_jaxpr(lambda p, x: nnx.merge(gd, p)(x))(params, x))
+  assert "custom_vjp" in jaxpr(x) and "custom_vjp" not in jaxpr(jnp.concatenate([x, x]))
+  many_slots = jnp.tile(x, (1, 1, 3, 1))                       # C = 15 >= d_expert = 12
+  assert "custom_vjp" not in jaxpr(many_slots)
+  np.testing.assert_allclose(run(many_slots)[1][1][0, :, :5], run(x)[1][1][0], rtol=1e-5,
+                             atol=1e-6)
   loop = run(x)
-  assert has_scan()
-  monkeypatch.setattr(routed_ffw, "CPU_LOOP_BELOW", 0)
-  batched = run(x)
-  assert not has_scan()
-  grouped = run(jnp.concatenate([x, x]))
+  grouped = run(jnp.concatenate([x, 2 * x]))      # batched path; group 0 is x itself
+  batched = jax.jit(jax.value_and_grad(
+      lambda p, x: jnp.sum(jnp.sin(nnx.merge(gd, p)._ffw(x))), argnums=(0, 1)))(params, x)
   for a, b in zip(jax.tree.leaves(loop), jax.tree.leaves(batched)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(grouped[0], 2 * loop[0], rtol=1e-5)
-  np.testing.assert_allclose(grouped[1][1][1], loop[1][1][0], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(grouped[1][1][0], loop[1][1][0], rtol=1e-5, atol=1e-6)
+  assert float(jnp.max(jnp.abs(loop[1][0]["wi"][...]))) > 0      # gradients not all zero
 
 
 def test_gather_transposes_equal_autodiff():

@@ -11,7 +11,7 @@ factor `--capacity_factor`, 1.0 by default) with the `uniform` router (no router
 parameters: dispatch cost alone) and with `sbase` (the paper's router: router matmul,
 Sinkhorn and balanced assignment included).
 
-The same run measures this machine (../shared/benchmarks.md): peak matmul FLOP/s (a
+The same run measures this machine: peak matmul FLOP/s (a
 square matmul) and memory bandwidth (a large array copy), and prints for every layer
 
     bound = max(train FLOPs incl. router / peak, 3 * parameter bytes / bandwidth)
@@ -21,9 +21,13 @@ normalised by the dense FFW's, next to the raw routed / dense ratio. The last co
 time / (FLOPs / peak + bytes / bandwidth), is the same with no overlap of compute and
 weight traffic (XLA:CPU runs one op at a time): at E = 512 the weights and their
 gradients are 3.2 GB per step. The dense FFW runs on x [T, d], its faster layout here;
-the time as the model calls it, [B, S, d], is printed too (XLA:CPU is ~2x slower there).
-Timed runs are interleaved (each round times every layer once) so that load drifts on a
-shared machine hit every layer alike.
+the time as the model calls it, [B, S, d], is printed too. Like every command of the
+package, the benchmark runs with malloc huge pages (`routing_lm/hugepages.py`; its
+header says whether they are on): without them page faults dominate at E = 512.
+One routed layer is in memory at a time (as in training), and its timed runs are
+interleaved with the dense FFW's (each round times both once), so that load drifts on a
+shared machine hit both alike; `/dense` and the summary ratios use the dense time of the
+same block of runs.
 
 The last line is `routed_over_dense_E64=.. E512_over_E8=..` (uniform router: the
 dispatch), or `G8_over_G1=.. G16_over_G1=..` with `--granularity`; the line before it
@@ -41,6 +45,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from configs import base
+from routing_lm import hugepages
 from routing_lm.model import dispatch
 from routing_lm.model.routed_ffw import RoutedFFW
 from routing_lm.model.transformer import DenseFFW
@@ -197,12 +202,14 @@ def breakdown(args, m, x) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+  hugepages.reexec()
   args = _parse(argv)
   routers = args.routers.split(",")
   dev = jax.devices()[0]
   print(f"device: {dev.platform} {dev.device_kind} x{jax.device_count()}, float32, "
         f"tokens={args.tokens}, d_model={args.d_model}, d_ff={args.d_ff}, top_k=1, "
-        f"capacity_factor={args.capacity_factor}, median of {args.runs} after a warm-up")
+        f"capacity_factor={args.capacity_factor}, median of {args.runs} after a warm-up, "
+        f"malloc huge pages {hugepages.status()}")
   peak, bandwidth = machine(args.runs)
   print(f"machine: peak matmul {peak / 1e9:.0f} GFLOP/s, copy bandwidth {bandwidth / 1e9:.1f} GB/s")
   x = jax.random.normal(jax.random.key(0), (1, args.tokens, args.d_model), jnp.float32)
@@ -210,33 +217,34 @@ def main(argv: Sequence[str] | None = None) -> None:
   with nnx.use_eager_sharding(False):
     dense = DenseFFW(m, rngs=nnx.Rngs(params=0))
   # The dense FFW on [T, d] (its fastest layout here) and as the model calls it, [B, S, d].
-  calls, bounds = {}, {}
-  calls["dense"], bounds["dense"] = prepare_layer(args, dense, False, x[0], peak, bandwidth)
-  calls["dense3d"], bounds["dense3d"] = prepare_layer(args, dense, False, x, peak, bandwidth)
+  dense_call, dense_bounds = prepare_layer(args, dense, False, x[0], peak, bandwidth)
+  dense3d_call, _ = prepare_layer(args, dense, False, x, peak, bandwidth)
+  first = time_interleaved({"dense": dense_call, "dense3d": dense3d_call}, args.runs)
+  dense_b = max(dense_bounds)
+  print(f"dense FFW [T, d]: {1e3 * first['dense']:.1f} ms (bound {1e3 * dense_b:.1f} ms, "
+        f"time/bound {first['dense'] / dense_b:.2f}); as called in the model, [1, T, d]: "
+        f"{1e3 * first['dense3d']:.1f} ms")
   if args.granularity:
     points = [(args.gran_experts, int(g)) for g in args.gran_values.split(",")]
     head = f"{'G':>4} {'experts':>8} {'width':>6}"
   else:
     points = [(int(e), 1) for e in args.experts.split(",")]
     head = f"{'E':>4}"
+  print(f"{head} {'router':>8} {'ms':>9} {'/dense':>7} {'bound ms':>9} {'time/bound':>10} "
+        f"{'(time/bound)/dense':>18} {'time/(F+B)':>10}")
+  ratios = {}   # (router, E, G) -> time / dense time, both from the same block of runs
   for e, g in points:
     for router in routers:
       m = model_config(args, router, e, g)
       with nnx.use_eager_sharding(False):
         layer = RoutedFFW(m, rngs=nnx.Rngs(params=0))
-      calls[router, e, g], bounds[router, e, g] = prepare_layer(args, layer, True, x, peak,
-                                                                bandwidth)
+      call, bounds = prepare_layer(args, layer, True, x, peak, bandwidth)
       del layer
-  times = time_interleaved(calls, args.runs)
-  dense_s, dense_b = times["dense"], max(bounds["dense"])
-  print(f"dense FFW [T, d]: {1e3 * dense_s:.1f} ms (bound {1e3 * dense_b:.1f} ms, "
-        f"time/bound {dense_s / dense_b:.2f}); as called in the model, [1, T, d]: "
-        f"{1e3 * times['dense3d']:.1f} ms")
-  print(f"{head} {'router':>8} {'ms':>9} {'/dense':>7} {'bound ms':>9} {'time/bound':>10} "
-        f"{'(time/bound)/dense':>18} {'time/(F+B)':>10}")
-  for e, g in points:
-    for router in routers:
-      s, b, add = times[router, e, g], max(bounds[router, e, g]), sum(bounds[router, e, g])
+      times = time_interleaved({"dense": dense_call, "routed": call}, args.runs)
+      del call                                   # one routed layer in memory at a time
+      s, dense_s = times["routed"], times["dense"]
+      b, add = max(bounds), sum(bounds)
+      ratios[router, e, g] = s / dense_s
       lead = (f"{g:>4} {e * g:>8} {args.d_ff // g:>6}" if args.granularity else f"{e:>4}")
       print(f"{lead} {router:>8} {1e3 * s:9.1f} {s / dense_s:7.2f} {1e3 * b:9.1f} "
             f"{s / b:10.2f} {(s / b) / (dense_s / dense_b):18.2f} {s / add:10.2f}", flush=True)
@@ -246,26 +254,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"breakdown {router} E={e} G={g}:")
         with nnx.use_eager_sharding(False):
           breakdown(args, model_config(args, router, e, g), x[0])
-  times = {k: v for k, v in times.items() if isinstance(k, tuple)}
-  r0 = routers[0]
   if args.granularity:
     e = args.gran_experts
-    for r in routers[1:]:
-      if (r, e, 8) in times and (r, e, 16) in times:
-        print(f"{r}: G8_over_G1={times[r, e, 8] / times[r, e, 1]:.3f} "
-              f"G16_over_G1={times[r, e, 16] / times[r, e, 1]:.3f}")
-    if (r0, e, 8) in times and (r0, e, 16) in times:
-      print(f"G8_over_G1={times[r0, e, 8] / times[r0, e, 1]:.3f} "
-            f"G16_over_G1={times[r0, e, 16] / times[r0, e, 1]:.3f}")
+    summary = {"G8_over_G1": ((e, 8), (e, 1)), "G16_over_G1": ((e, 16), (e, 1))}
   else:
-    for r in routers[1:]:
-      if (r, 64, 1) in times and (r, 512, 1) in times and (r, 8, 1) in times:
-        print(f"{r}: routed_over_dense_E64={times[r, 64, 1] / dense_s:.3f} "
-              f"E512_over_E8={times[r, 512, 1] / times[r, 8, 1]:.3f}")
-    if (r0, 64, 1) in times and (r0, 512, 1) in times and (r0, 8, 1) in times:
-      print(f"routed_over_dense_E64={times[r0, 64, 1] / dense_s:.3f} "
-            f"E512_over_E8={times[r0, 512, 1] / times[r0, 8, 1]:.3f}")
-
+    summary = {"routed_over_dense_E64": ((64, 1), None), "E512_over_E8": ((512, 1), (8, 1))}
+  for r in routers[1:] + routers[:1]:          # the first router's line is the last line
+    if all((r, *p) in ratios for pair in summary.values() for p in pair if p):
+      line = " ".join(f"{name}={ratios[(r, *num)] / (ratios[(r, *den)] if den else 1.0):.3f}"
+                      for name, (num, den) in summary.items())
+      print(line if r == routers[0] else f"{r}: {line}")
 
 if __name__ == "__main__":
   main()

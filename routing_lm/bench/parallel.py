@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import os
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                           + " --xla_force_host_platform_device_count=8").strip()
+if "--xla_force_host_platform_device_count=8" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                             + " --xla_force_host_platform_device_count=8").strip()
 
 import argparse  # noqa: E402
 import statistics  # noqa: E402
@@ -29,6 +30,8 @@ import time  # noqa: E402
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
+
+from routing_lm import hugepages  # noqa: E402
 
 DEFAULT_MESHES = ("8,1,1", "2,4,1", "2,2,2", "1,8,1")
 
@@ -86,6 +89,7 @@ def measure(config, mesh_shape: tuple[int, int, int], zero1: bool, steps: int,
 
 
 def main() -> None:
+  hugepages.reexec()
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--steps", type=int, default=10)
   parser.add_argument("--router", default="sbase")

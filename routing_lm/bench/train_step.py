@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from routing_lm import hugepages
+
 
 def median_time(fn, *args, repeats: int) -> float:
   jax.block_until_ready(fn(*args))
@@ -37,6 +39,7 @@ def peak_flops(n: int = 2048) -> float:
 
 
 def main() -> None:
+  hugepages.reexec()
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--steps", type=int, default=20)
   parser.add_argument("--router", default="sbase")

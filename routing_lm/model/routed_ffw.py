@@ -22,12 +22,40 @@ from routing_lm.model import dispatch
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
-# Expert slots per expert below which the CPU backend loops over experts (see Experts).
-CPU_LOOP_BELOW = 256
-
-
 def gelu(x: jax.Array) -> jax.Array:
   return jax.nn.gelu(x, approximate=True)
+
+
+@jax.custom_vjp
+def expert_loop(x: jax.Array, wi: jax.Array, wo: jax.Array) -> jax.Array:
+  """x [E, C, d], wi [E, d, f], wo [E, f, d] -> [E, C, d], one expert at a time.
+
+  The CPU path of `Experts`. Its hand-written backward is one loop over experts that
+  reads each expert's weights once and writes its gradients once; autodiff of a loop
+  (or of the batched einsum) moves the [E, ...] weight and gradient arrays several times.
+  """
+  return _expert_loop_fwd(x, wi, wo)[0]
+
+
+def _expert_loop_fwd(x, wi, wo):
+  def one(a):
+    x, wi, wo = a
+    pre = x @ wi                                                   # [C, f]
+    return gelu(pre) @ wo, pre
+  y, pre = jax.lax.map(one, (x, wi, wo))
+  return y, (x, wi, wo, pre)
+
+
+def _expert_loop_bwd(res, g):
+  def one(a):
+    x, wi, wo, pre, g = a
+    h, gelu_vjp = jax.vjp(gelu, pre)
+    (dpre,) = gelu_vjp(g @ wo.T)
+    return dpre @ wi.T, x.T @ dpre, h.T @ g                         # dx, dwi, dwo
+  return jax.lax.map(one, (*res, g))
+
+
+expert_loop.defvjp(_expert_loop_fwd, _expert_loop_bwd)
 
 
 class Experts(nnx.Module):
@@ -43,24 +71,22 @@ class Experts(nnx.Module):
                         out_sharding=("expert", "mlp", "embed"))
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    """x [..., E, C, d] -> [..., E, C, d]: one batched matmul per projection.
+    """x [..., E, C, d] -> [..., E, C, d].
 
-    One group on the CPU backend (no mesh; leading dims of size 1) runs on [E, C, d]:
-    XLA:CPU lowers the weight-gradient dot with an extra unit dimension (two contracting
-    dims) about 2x slower. There, with few slots per expert (C < CPU_LOOP_BELOW, where
-    the step is bound by streaming the E expert weights), the experts run one at a time
-    in a `lax.map`: about 20% faster than the batched matmul at E = 512, C = 64.
+    One group on the CPU backend (no mesh; leading dims of size 1) with fewer slots per
+    expert than the expert is wide (C < d_expert: each expert's weights are streamed for
+    few tokens) runs `expert_loop`: 1.1x faster than the batched matmul at E = 64 and
+    1.3-1.5x at E = 512 (d_ff 1024). Otherwise one batched matmul per projection, which
+    shards over experts and is faster for many tokens per narrow expert (granularity).
     """
     lead = x.shape[:-3]
     if (lead and math.prod(lead) == 1 and jax.default_backend() == "cpu"
         and parallel.active_mesh() is None):
-      x3 = x.reshape(x.shape[-3:])
-      if x3.shape[1] < CPU_LOOP_BELOW:
+      x3 = x.reshape(x.shape[-3:])       # a unit batch dim makes XLA:CPU's dots 2x slower
+      if x3.shape[1] < self.wi.shape[-1]:
         wi, wo = self.wi[...].astype(x.dtype), self.wo[...].astype(x.dtype)
-        y = jax.lax.map(lambda a: gelu(a[0] @ a[1]) @ a[2], (x3, wi, wo))
-      else:
-        y = self._ffw(x3)
-      return y.reshape(x.shape)
+        return expert_loop(x3, wi, wo).reshape(x.shape)
+      return self._ffw(x3).reshape(x.shape)
     return self._ffw(x)
 
   def _ffw(self, x: jax.Array) -> jax.Array:
