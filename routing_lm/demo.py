@@ -20,7 +20,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from routing_lm import hugepages  # noqa: E402
+from routing_lm import cpu_malloc  # noqa: E402
 from routing_lm.metrics import read_jsonl  # noqa: E402
 
 
@@ -57,7 +57,7 @@ def plot(workdir: str, runs: dict[str, str]) -> str:
 
 
 def main() -> None:
-  hugepages.reexec()
+  cpu_malloc.reexec()
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--workdir", default="/tmp/routing_lm_demo")
   parser.add_argument("--steps", type=int, default=300)

@@ -17,7 +17,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from routing_lm import hugepages
+from routing_lm import cpu_malloc
 
 FLAGS = flags.DEFINE_string("workdir", None, "Directory (or gs:// path) for checkpoints, "
                             "TensorBoard logs, metrics.jsonl and summary.json.")
@@ -77,7 +77,7 @@ def main(argv: list[str]) -> None:
 
 def run() -> None:
   """Entry point of the `routing-lm` console script."""
-  hugepages.reexec()
+  cpu_malloc.reexec()
   app.run(main)
 
 

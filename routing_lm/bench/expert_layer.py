@@ -22,12 +22,13 @@ time / (FLOPs / peak + bytes / bandwidth), is the same with no overlap of comput
 weight traffic (XLA:CPU runs one op at a time): at E = 512 the weights and their
 gradients are 3.2 GB per step. The dense FFW runs on x [T, d], its faster layout here;
 the time as the model calls it, [B, S, d], is printed too. Like every command of the
-package, the benchmark runs with malloc huge pages (`routing_lm/hugepages.py`; its
-header says whether they are on): without them page faults dominate at E = 512.
+package, the benchmark re-runs itself with malloc settings for XLA:CPU
+(`routing_lm/cpu_malloc.py`; its header says whether they are on): without them page
+faults dominate at E = 512.
 One routed layer is in memory at a time (as in training), and its timed runs are
 interleaved with the dense FFW's (each round times both once), so that load drifts on a
-shared machine hit both alike; `/dense` and the summary ratios use the dense time of the
-same block of runs.
+shared machine hit both alike. `/dense` and routed_over_dense use the dense time of the
+same block; E512_over_E8 and the G ratios divide the routed layers' own times.
 
 The last line is `routed_over_dense_E64=.. E512_over_E8=..` (uniform router: the
 dispatch), or `G8_over_G1=.. G16_over_G1=..` with `--granularity`; the line before it
@@ -45,7 +46,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from configs import base
-from routing_lm import hugepages
+from routing_lm import cpu_malloc
 from routing_lm.model import dispatch
 from routing_lm.model.routed_ffw import RoutedFFW
 from routing_lm.model.transformer import DenseFFW
@@ -65,7 +66,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
   p.add_argument("--gran_values", default="1,2,4,8,16")
   p.add_argument("--routers", default="uniform,sbase")
   p.add_argument("--capacity_factor", type=float, default=1.0)
-  p.add_argument("--runs", type=int, default=3, help="timed runs (median) after a warm-up")
+  p.add_argument("--runs", type=int, default=5, help="timed runs (median) after a warm-up")
   p.add_argument("--breakdown", action="store_true",
                  help="also time router, plan (sort), gathers and expert einsums alone")
   return p.parse_args(argv)
@@ -77,12 +78,15 @@ def compile_fn(fn: Callable[..., Any], *args) -> Callable[[], Any]:
   return lambda: jax.block_until_ready(compiled(*args))
 
 
-def time_fn(fn: Callable[..., Any], *args, runs: int) -> float:
-  """Median seconds of `runs` calls of the compiled `fn` after one warm-up call."""
-  return time_interleaved({"fn": compile_fn(fn, *args)}, runs)["fn"]
+def time_fn(fn: Callable[..., Any], *args, runs: int,
+            stat: Callable[[list[float]], float] = statistics.median) -> float:
+  """`stat` (median) of the seconds of `runs` calls of the compiled `fn` after a warm-up."""
+  return time_interleaved({"fn": compile_fn(fn, *args)}, runs, stat)["fn"]
 
 
-def time_interleaved(calls: dict[str, Callable[[], Any]], runs: int) -> dict[str, float]:
+def time_interleaved(calls: dict[str, Callable[[], Any]], runs: int,
+                     stat: Callable[[list[float]], float] = statistics.median
+                     ) -> dict[str, float]:
   """Median seconds per call: one warm-up each, then `runs` rounds that time every call
   once in turn, so slow drifts in machine load (a shared machine) hit all alike."""
   for call in calls.values():
@@ -93,17 +97,17 @@ def time_interleaved(calls: dict[str, Callable[[], Any]], runs: int) -> dict[str
       start = time.perf_counter()
       call()
       times[name].append(time.perf_counter() - start)
-  return {name: statistics.median(t) for name, t in times.items()}
+  return {name: stat(t) for name, t in times.items()}
 
 
 def machine(runs: int) -> tuple[float, float]:
   """(peak matmul FLOP/s, memory bandwidth bytes/s) of the default device, float32."""
   n = 2048
   a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-  t = time_fn(lambda a: a @ a, a, runs=max(runs, 5))
+  t = time_fn(lambda a: a @ a, a, runs=max(runs, 5), stat=min)       # peak: the best run
   peak = 2 * n ** 3 / t
   x = jax.random.normal(jax.random.key(1), (64 * 2 ** 20,), jnp.float32)    # 256 MiB
-  t = time_fn(lambda x: x + 1.0, x, runs=max(runs, 5))
+  t = time_fn(lambda x: x + 1.0, x, runs=max(runs, 5), stat=min)
   bandwidth = 2 * x.nbytes / t                                                # read + write
   return peak, bandwidth
 
@@ -202,14 +206,14 @@ def breakdown(args, m, x) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-  hugepages.reexec()
+  cpu_malloc.reexec()
   args = _parse(argv)
   routers = args.routers.split(",")
   dev = jax.devices()[0]
   print(f"device: {dev.platform} {dev.device_kind} x{jax.device_count()}, float32, "
         f"tokens={args.tokens}, d_model={args.d_model}, d_ff={args.d_ff}, top_k=1, "
         f"capacity_factor={args.capacity_factor}, median of {args.runs} after a warm-up, "
-        f"malloc huge pages {hugepages.status()}")
+        f"XLA:CPU malloc settings {cpu_malloc.status()}")
   peak, bandwidth = machine(args.runs)
   print(f"machine: peak matmul {peak / 1e9:.0f} GFLOP/s, copy bandwidth {bandwidth / 1e9:.1f} GB/s")
   x = jax.random.normal(jax.random.key(0), (1, args.tokens, args.d_model), jnp.float32)
@@ -232,7 +236,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     head = f"{'E':>4}"
   print(f"{head} {'router':>8} {'ms':>9} {'/dense':>7} {'bound ms':>9} {'time/bound':>10} "
         f"{'(time/bound)/dense':>18} {'time/(F+B)':>10}")
-  ratios = {}   # (router, E, G) -> time / dense time, both from the same block of runs
+  ratios, times = {}, {}   # (router, E, G) -> time / dense time of its block; seconds
   for e, g in points:
     for router in routers:
       m = model_config(args, router, e, g)
@@ -240,11 +244,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         layer = RoutedFFW(m, rngs=nnx.Rngs(params=0))
       call, bounds = prepare_layer(args, layer, True, x, peak, bandwidth)
       del layer
-      times = time_interleaved({"dense": dense_call, "routed": call}, args.runs)
+      block = time_interleaved({"dense": dense_call, "routed": call}, args.runs)
       del call                                   # one routed layer in memory at a time
-      s, dense_s = times["routed"], times["dense"]
+      s, dense_s = block["routed"], block["dense"]
       b, add = max(bounds), sum(bounds)
-      ratios[router, e, g] = s / dense_s
+      ratios[router, e, g], times[router, e, g] = s / dense_s, s
       lead = (f"{g:>4} {e * g:>8} {args.d_ff // g:>6}" if args.granularity else f"{e:>4}")
       print(f"{lead} {router:>8} {1e3 * s:9.1f} {s / dense_s:7.2f} {1e3 * b:9.1f} "
             f"{s / b:10.2f} {(s / b) / (dense_s / dense_b):18.2f} {s / add:10.2f}", flush=True)
@@ -260,9 +264,10 @@ def main(argv: Sequence[str] | None = None) -> None:
   else:
     summary = {"routed_over_dense_E64": ((64, 1), None), "E512_over_E8": ((512, 1), (8, 1))}
   for r in routers[1:] + routers[:1]:          # the first router's line is the last line
-    if all((r, *p) in ratios for pair in summary.values() for p in pair if p):
-      line = " ".join(f"{name}={ratios[(r, *num)] / (ratios[(r, *den)] if den else 1.0):.3f}"
-                      for name, (num, den) in summary.items())
+    if all((r, *p) in times for pair in summary.values() for p in pair if p):
+      value = lambda num, den: (ratios[(r, *num)] if den is None
+                                else times[(r, *num)] / times[(r, *den)])
+      line = " ".join(f"{name}={value(num, den):.3f}" for name, (num, den) in summary.items())
       print(line if r == routers[0] else f"{r}: {line}")
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ import time  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from routing_lm import hugepages  # noqa: E402
+from routing_lm import cpu_malloc  # noqa: E402
 
 DEFAULT_MESHES = ("8,1,1", "2,4,1", "2,2,2", "1,8,1")
 
@@ -89,7 +89,7 @@ def measure(config, mesh_shape: tuple[int, int, int], zero1: bool, steps: int,
 
 
 def main() -> None:
-  hugepages.reexec()
+  cpu_malloc.reexec()
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--steps", type=int, default=10)
   parser.add_argument("--router", default="sbase")

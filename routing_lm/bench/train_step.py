@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from routing_lm import hugepages
+from routing_lm import cpu_malloc
 
 
 def median_time(fn, *args, repeats: int) -> float:
@@ -39,7 +39,7 @@ def peak_flops(n: int = 2048) -> float:
 
 
 def main() -> None:
-  hugepages.reexec()
+  cpu_malloc.reexec()
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--steps", type=int, default=20)
   parser.add_argument("--router", default="sbase")
