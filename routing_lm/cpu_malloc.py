@@ -6,8 +6,8 @@ it on free, so every step page-faults all of them in again, 4 KiB at a time: up 
 of a step, and very variable (35% of the CPU time of a benchmark was in the kernel).
 `TUNABLES` make glibc keep freed memory for reuse (one arena, no mmap, no trimming: the
 process keeps its peak memory, as tcmalloc does) and back it with 2 MiB transparent huge
-pages. Measured on a 2-core VM: tiny train step 8,250 -> 11,300 tokens/s, dense FFW
-forward+backward at 32,768 tokens 835 -> 630 ms, routed FFW at E = 512 1.8-2.6 s -> 0.93 s.
+pages. Measured on a 2-core VM: tiny train step 9,200 -> 11,700 tokens/s; forward+backward
+at 32,768 tokens: dense FFW 835 -> 650 ms, routed FFW at E = 512 1.5-1.9 s -> 0.93-0.97 s.
 
 glibc reads tunables only at process start, so `reexec()` re-runs the current command
 once with them, before any work is done. It does nothing where it does not apply
