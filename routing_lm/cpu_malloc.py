@@ -3,7 +3,7 @@
 XLA:CPU allocates its large buffers (activations, gradients: GBs per step at E = 512)
 with malloc on every step. By default glibc maps each from the kernel afresh and unmaps
 it on free, so every step page-faults all of them in again, 4 KiB at a time: up to half
-of a step, and very variable (35% of the CPU time of a benchmark was in the kernel).
+of a step, and very variable (a quarter of a benchmark's CPU time was in the kernel).
 `TUNABLES` make glibc keep freed memory for reuse (one arena, no mmap, no trimming: the
 process keeps its peak memory, as tcmalloc does) and back it with 2 MiB transparent huge
 pages. Measured on a 2-core VM: tiny train step 9,200 -> 11,700 tokens/s; forward+backward

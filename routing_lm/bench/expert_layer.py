@@ -11,8 +11,8 @@ factor `--capacity_factor`, 1.0 by default) with the `uniform` router (no router
 parameters: dispatch cost alone) and with `sbase` (the paper's router: router matmul,
 Sinkhorn and balanced assignment included).
 
-The same run measures this machine: peak matmul FLOP/s (a
-square matmul) and memory bandwidth (a large array copy), and prints for every layer
+The same run measures this machine: peak matmul FLOP/s (a square matmul) and memory
+bandwidth (a large array copy), each from its best run, and prints for every layer
 
     bound = max(train FLOPs incl. router / peak, 3 * parameter bytes / bandwidth)
 
@@ -87,8 +87,9 @@ def time_fn(fn: Callable[..., Any], *args, runs: int,
 def time_interleaved(calls: dict[str, Callable[[], Any]], runs: int,
                      stat: Callable[[list[float]], float] = statistics.median
                      ) -> dict[str, float]:
-  """Median seconds per call: one warm-up each, then `runs` rounds that time every call
-  once in turn, so slow drifts in machine load (a shared machine) hit all alike."""
+  """`stat` (median) of the seconds per call: one warm-up each, then `runs` rounds that
+  time every call once in turn, so slow drifts in machine load (a shared machine) hit
+  all alike."""
   for call in calls.values():
     call()
   times: dict[str, list[float]] = {name: [] for name in calls}
@@ -269,6 +270,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                                 else times[(r, *num)] / times[(r, *den)])
       line = " ".join(f"{name}={value(num, den):.3f}" for name, (num, den) in summary.items())
       print(line if r == routers[0] else f"{r}: {line}")
+
 
 if __name__ == "__main__":
   main()
