@@ -9,6 +9,7 @@ import numpy as np
 import optax
 import pytest
 import scipy.optimize
+import scipy.special
 from flax import nnx
 
 from configs import base
@@ -99,6 +100,72 @@ def test_sbase_router_train_path_matches_and_balances_uneven():
     np.testing.assert_allclose(out.weights[:, 0], jax.nn.sigmoid(logits[np.arange(t), ids]),
                                rtol=1e-6)
     assert float(out.metrics["sinkhorn_error"]) < 0.1
+
+
+def logsumexp_sinkhorn(log_k, num_iters):
+  """Reference: log-space Sinkhorn, two logsumexps over [T, E] per iteration."""
+  t, e = log_k.shape
+  u, v = np.zeros(t), np.zeros(e)
+  for _ in range(num_iters):
+    u = -np.log(t) - scipy.special.logsumexp(log_k + v[None, :], axis=1)
+    v = -np.log(e) - scipy.special.logsumexp(log_k + u[:, None], axis=0)
+  return log_k + u[:, None] + v[None, :]
+
+
+@pytest.mark.parametrize("t, e, spread, iters", [
+    (256, 8, 1, 30), (1024, 64, 3, 10), (1024, 64, 3, 30),
+    (2048, 512, 10, 30),        # logits ~1000 temperatures apart: needs the re-forming
+    (1000, 7, 30, 60), (64, 8, 1e4, 7)])
+def test_sinkhorn_equals_logsumexp_iterations(t, e, spread, iters):
+  """The scaling-form Sinkhorn (matrix-vector products, kernel re-formed every
+  ABSORB_EVERY iterations) reproduces log-space iterations in float64, for logits up to
+  1e5 temperatures apart, and its column sums are the last update's 1/E."""
+  rng = np.random.default_rng(e)
+  logits = spread * (rng.standard_normal((t, e)) + 3 * rng.standard_normal(e))
+  log_k = (logits / SB.temperature).astype(np.float32)
+  ours, row_error = jax.jit(sbase.sinkhorn, static_argnums=1)(jnp.asarray(log_k), iters)
+  ref = logsumexp_sinkhorn(log_k.astype(np.float64), iters)
+  p, p_ref = np.exp(np.asarray(ours, np.float64)), np.exp(ref)
+  assert np.all(np.isfinite(np.asarray(ours)))
+  assert np.max(np.abs(p - p_ref)) * t < 0.03                 # per token mass: 1 = all of it
+  assert np.mean(np.argmax(p, 1) == np.argmax(p_ref, 1)) > 0.998
+  np.testing.assert_allclose(p.sum(0) * e, 1.0, atol=1e-4)
+  ref_error = np.max(np.abs(p_ref.sum(1) * t - 1.0))
+  assert abs(float(row_error) - ref_error) <= 0.01 * ref_error + 1e-4
+
+
+def test_greedy_rounds_on_the_unplaced_equal_rounds_on_all():
+  """Rounds after most tokens are placed run on the unplaced tokens alone: the result
+  equals every round on all tokens, also when many stay unplaced (skewed scores)."""
+  rng = np.random.default_rng(4)
+  for t, e, skew in [(4096, 64, 0.0), (4096, 64, 3.0), (1000, 7, 5.0)]:
+    logits = (rng.standard_normal((t, e)) + skew * rng.standard_normal(e)) / SB.temperature
+    balanced, _ = sbase.sinkhorn(jnp.asarray(logits, jnp.float32), 10)
+    start = (jnp.full((t,), -1, jnp.int32), jnp.full((e,), t // e))
+
+    def all_tokens(b):
+      return jax.lax.fori_loop(0, 8, lambda _, s: sbase._greedy_round(b, *s), start)
+
+    ours = jax.jit(lambda b: sbase._greedy_rounds(b, *start, 8))(balanced)
+    ref = jax.jit(all_tokens)(balanced)
+    np.testing.assert_array_equal(ours[0], ref[0])
+    np.testing.assert_array_equal(ours[1], ref[1])
+    after_one = jax.jit(lambda b: sbase._greedy_round(b, *start))(balanced)[0]
+    assert int(jnp.sum(after_one < 0)) > 0                       # later rounds had work
+
+
+def test_swap_rounds_keep_loads_and_never_lose_score():
+  rng = np.random.default_rng(6)
+  for t, e in [(512, 8), (1003, 16)]:
+    scores = jnp.asarray(rng.standard_normal((t, e)), jnp.float32)
+    ids = jnp.asarray(rng.permutation(np.arange(t) % e), jnp.int32)   # balanced, poor
+    total = lambda i: float(jnp.sum(jnp.take_along_axis(scores, i[:, None], 1)))
+    swapped = [jax.jit(lambda s, i, n=n: sbase._swap_rounds(s, i, n))(scores, ids)
+               for n in range(4)]
+    for a, b in zip(swapped, swapped[1:]):
+      np.testing.assert_array_equal(np.bincount(b, minlength=e), np.bincount(ids, minlength=e))
+      assert total(b) >= total(a) - 1e-3
+    assert total(swapped[-1]) > total(ids) + 1.0                  # swaps happened
 
 
 @pytest.mark.parametrize("scale", [1e4, -1e4])
