@@ -49,12 +49,18 @@ def _cpu_backend() -> bool:
   return not any(glob.glob(pattern) for pattern in ACCELERATORS)
 
 
+def active() -> bool:
+  """Whether this process runs with `TUNABLES` (glibc keeps freed memory for reuse)."""
+  tunables = os.environ.get("GLIBC_TUNABLES", "")
+  return all(t in tunables for t in TUNABLES)
+
+
 def status() -> str:
   """'on' or 'off' with the reason, for benchmark headers."""
-  tunables = os.environ.get("GLIBC_TUNABLES", "")
-  if all(t in tunables for t in TUNABLES):
+  if active():
     return "on"
-  return f"off (GLIBC_TUNABLES={tunables!r}, transparent huge pages {_thp_mode()})"
+  return (f"off (GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}, "
+          f"transparent huge pages {_thp_mode()})")
 
 
 def wanted() -> bool:

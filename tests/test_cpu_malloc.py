@@ -58,8 +58,12 @@ def test_reexec_keeps_the_command_and_other_tunables(cpu_host, monkeypatch):
                                              "--steps=5"]
   assert env["GLIBC_TUNABLES"] == ":".join(("glibc.rtld.optional_static_tls=4096",
                                             *cpu_malloc.TUNABLES))
+  assert not cpu_malloc.active()
   monkeypatch.setenv("GLIBC_TUNABLES", env["GLIBC_TUNABLES"])   # the re-run process
-  assert cpu_malloc.status() == "on"
+  assert cpu_malloc.active() and cpu_malloc.status() == "on"
+  monkeypatch.setenv("GLIBC_TUNABLES", ":".join(cpu_malloc.TUNABLES[:-1]))   # one missing
+  assert not cpu_malloc.active()
+  monkeypatch.setenv("GLIBC_TUNABLES", env["GLIBC_TUNABLES"])
   cpu_malloc.reexec()
   assert len(calls) == 1
 

@@ -14,6 +14,7 @@ from flax import nnx
 from jax.extend import core as jcore
 
 from configs import base
+from routing_lm import cpu_malloc
 from routing_lm.model import dispatch
 from routing_lm.model.routed_ffw import Experts, RoutedFFW
 from routing_lm.model.transformer import DenseFFW
@@ -401,6 +402,20 @@ def test_expert_loop_equals_batched_matmul():
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(grouped[1][1][0], loop[1][1][0], rtol=1e-5, atol=1e-6)
   assert float(jnp.max(jnp.abs(loop[1][0]["wi"][...]))) > 0      # gradients not all zero
+
+
+def test_expert_loop_only_under_glibcs_default_malloc(monkeypatch):
+  """The per-expert loop is chosen for few slots only while cpu_malloc's settings are
+  off (tests, notebooks, library calls); under them (every CLI) the batched matmul."""
+  with nnx.use_eager_sharding(False):
+    ex = Experts(4, 8, 12, jnp.float32, rngs=nnx.Rngs(params=0))
+  gd, params = nnx.split(ex)
+  x = jax.random.normal(jax.random.key(0), (1, 4, 5, 8))          # C = 5 < d_expert = 12
+  jaxpr = lambda: str(jax.make_jaxpr(lambda p, x: nnx.merge(gd, p)(x))(params, x))
+  monkeypatch.setattr(cpu_malloc, "active", lambda: False)
+  assert "custom_vjp" in jaxpr()
+  monkeypatch.setattr(cpu_malloc, "active", lambda: True)
+  assert "custom_vjp" not in jaxpr()
 
 
 def test_gather_transposes_equal_autodiff():

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from routing_lm import parallel, routers
+from routing_lm import cpu_malloc, parallel, routers
 from routing_lm.model import dispatch
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -71,20 +71,21 @@ class Experts(nnx.Module):
                         out_sharding=("expert", "mlp", "embed"))
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    """x [..., E, C, d] -> [..., E, C, d].
+    """x [..., E, C, d] -> [..., E, C, d]: one batched matmul per projection.
 
-    One group on the CPU backend (no mesh; leading dims of size 1) with fewer slots per
-    expert than the expert is wide (C < d_expert: each expert's weights are streamed for
-    few tokens) runs `expert_loop`: 1.1x faster than the batched matmul at E = 64 and
-    1.35-1.5x at E = 512 (d_ff 1024) under glibc's default malloc, about even under
-    `cpu_malloc`'s settings (2 cores). Otherwise one batched matmul per projection,
-    which shards over experts and is faster for many tokens per narrow expert.
+    One exception, on the CPU backend with one group (no mesh; leading dims of size 1),
+    fewer slots per expert than the expert is wide (C < d_expert) and glibc's default
+    malloc (`cpu_malloc` not active: tests, notebooks, library calls): `expert_loop`.
+    There the batched backward's large temporaries are page-faulted in afresh every
+    step, and the loop is 1.2x faster at E = 64 and 512 (d_ff 1024, 32,768 tokens).
+    Under `cpu_malloc`'s settings (every CLI) the batched matmul is faster: 1.04x at
+    E = 64, 1.3x at E = 512 (2-core VM, experts alone, forward+backward).
     """
     lead = x.shape[:-3]
     if (lead and math.prod(lead) == 1 and jax.default_backend() == "cpu"
         and parallel.active_mesh() is None):
       x3 = x.reshape(x.shape[-3:])       # a unit batch dim makes XLA:CPU's dots 2x slower
-      if x3.shape[1] < self.wi.shape[-1]:
+      if x3.shape[1] < self.wi.shape[-1] and not cpu_malloc.active():
         wi, wo = self.wi[...].astype(x.dtype), self.wo[...].astype(x.dtype)
         return expert_loop(x3, wi, wo).reshape(x.shape)
       return self._ffw(x3).reshape(x.shape)
