@@ -4,9 +4,17 @@
     python -m routing_lm.bench.expert_layer --granularity    # E = 8, G in {1, 2, 4, 8, 16}
     python -m routing_lm.bench.expert_layer --breakdown      # where the routed time goes
 
-Each layer is jitted and compiled once; one warm-up call, then the median of `--runs`
-timed calls, each ending in `block_until_ready` on every output (the loss, the input
-gradient and every parameter gradient). The routed FFW runs in training mode (capacity
+Tokens: 131,072 by default (64 sequences of 2048), a quarter of the paper's 524,288-token
+step. Every expert sees all the tokens routed to it wherever it lives, so at capacity
+factor 1 the slots per expert C = T / E (column `C`) are what a training step gives an
+expert whatever the mesh: 256 at E = 512 here, 1,024 in the paper's step. With fewer
+tokens the experts' matmuls shrink to C rows: at `--tokens=32768` (C = 64 at E = 512)
+XLA:CPU's matmul kernels run at 60-65% of their large-matrix speed, whatever the layout.
+
+Each layer is jitted and compiled once and warmed up until the heap stops growing
+(`warm_up`), then the median of `--runs` timed calls, each ending in
+`block_until_ready` on every output (the loss, the input gradient and every parameter
+gradient). The routed FFW runs in training mode (capacity
 factor `--capacity_factor`, 1.0 by default) with the `uniform` router (no router
 parameters: dispatch cost alone) and with `sbase` (the paper's router: router matmul,
 Sinkhorn and balanced assignment included).
@@ -28,7 +36,9 @@ faults dominate at E = 512.
 One routed layer is in memory at a time (as in training), and its timed runs are
 interleaved with the dense FFW's (each round times both once), so that load drifts on a
 shared machine hit both alike. `/dense` and routed_over_dense use the dense time of the
-same block; E512_over_E8 and the G ratios divide the routed layers' own times.
+same block; E512_over_E8 and the G ratios divide those `/dense` columns, so the dense FFW
+timed beside each routed layer corrects for the machine's drift between blocks (their
+ratios from the routed times alone are printed too).
 
 The last line is `routed_over_dense_E64=.. E512_over_E8=..` (uniform router: the
 dispatch), or `G8_over_G1=.. G16_over_G1=..` with `--granularity`; the line before it
@@ -37,6 +47,7 @@ gives the same ratios for sbase.
 from __future__ import annotations
 
 import argparse
+import resource
 import statistics
 import time
 from typing import Any, Callable, Sequence
@@ -56,7 +67,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
   p = argparse.ArgumentParser(prog="python -m routing_lm.bench.expert_layer",
                               description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--tokens", type=int, default=32_768)
+  p.add_argument("--tokens", type=int, default=131_072)
   p.add_argument("--d_model", type=int, default=256)
   p.add_argument("--d_ff", type=int, default=1024)
   p.add_argument("--experts", default="1,8,64,512", help="comma-separated E (no --granularity)")
@@ -84,14 +95,35 @@ def time_fn(fn: Callable[..., Any], *args, runs: int,
   return time_interleaved({"fn": compile_fn(fn, *args)}, runs, stat)["fn"]
 
 
+def warm_up(call: Callable[[], Any], max_calls: int = 20) -> int:
+  """Calls `call` until two calls in a row take under 32 page faults; returns the calls.
+
+  Under `cpu_malloc`'s settings the heap keeps what it grew to, but it grows over the
+  first several calls of a large program, in 512 MB steps at unpredictable calls (on
+  this VM each costs ~1.5 s of page faults): after a single warm-up call such steps
+  land in timed calls as 3x outliers. Under glibc's default malloc every call faults
+  its buffers in afresh, so there is nothing to wait for: one call.
+  """
+  if not cpu_malloc.active():
+    max_calls = 1
+  quiet, calls = 0, 0
+  while quiet < 2 and calls < max_calls:
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    call()
+    calls += 1
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    quiet = quiet + 1 if faults < 32 else 0
+  return calls
+
+
 def time_interleaved(calls: dict[str, Callable[[], Any]], runs: int,
                      stat: Callable[[list[float]], float] = statistics.median
                      ) -> dict[str, float]:
-  """`stat` (median) of the seconds per call: one warm-up each, then `runs` rounds that
-  time every call once in turn, so slow drifts in machine load (a shared machine) hit
-  all alike."""
+  """`stat` (median) of the seconds per call: each warmed up (`warm_up`), then `runs`
+  rounds that time every call once in turn, so slow drifts in machine load (a shared
+  machine) hit all alike."""
   for call in calls.values():
-    call()
+    warm_up(call)
   times: dict[str, list[float]] = {name: [] for name in calls}
   for _ in range(runs):
     for name, call in calls.items():
@@ -213,7 +245,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   dev = jax.devices()[0]
   print(f"device: {dev.platform} {dev.device_kind} x{jax.device_count()}, float32, "
         f"tokens={args.tokens}, d_model={args.d_model}, d_ff={args.d_ff}, top_k=1, "
-        f"capacity_factor={args.capacity_factor}, median of {args.runs} after a warm-up, "
+        f"capacity_factor={args.capacity_factor}, median of {args.runs} after warm-up, "
         f"XLA:CPU malloc settings {cpu_malloc.status()}")
   peak, bandwidth = machine(args.runs)
   print(f"machine: peak matmul {peak / 1e9:.0f} GFLOP/s, copy bandwidth {bandwidth / 1e9:.1f} GB/s")
@@ -235,7 +267,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   else:
     points = [(int(e), 1) for e in args.experts.split(",")]
     head = f"{'E':>4}"
-  print(f"{head} {'router':>8} {'ms':>9} {'/dense':>7} {'bound ms':>9} {'time/bound':>10} "
+  print(f"{head} {'C':>6} {'router':>8} {'ms':>9} {'/dense':>7} {'bound ms':>9} {'time/bound':>10} "
         f"{'(time/bound)/dense':>18} {'time/(F+B)':>10}")
   ratios, times = {}, {}   # (router, E, G) -> time / dense time of its block; seconds
   for e, g in points:
@@ -251,7 +283,8 @@ def main(argv: Sequence[str] | None = None) -> None:
       b, add = max(bounds), sum(bounds)
       ratios[router, e, g], times[router, e, g] = s / dense_s, s
       lead = (f"{g:>4} {e * g:>8} {args.d_ff // g:>6}" if args.granularity else f"{e:>4}")
-      print(f"{lead} {router:>8} {1e3 * s:9.1f} {s / dense_s:7.2f} {1e3 * b:9.1f} "
+      cap = dispatch.capacity(args.tokens, e * g, g, args.capacity_factor)
+      print(f"{lead} {cap:>6} {router:>8} {1e3 * s:9.1f} {s / dense_s:7.2f} {1e3 * b:9.1f} "
             f"{s / b:10.2f} {(s / b) / (dense_s / dense_b):18.2f} {s / add:10.2f}", flush=True)
   if args.breakdown:
     for e, g in points:
@@ -264,13 +297,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     summary = {"G8_over_G1": ((e, 8), (e, 1)), "G16_over_G1": ((e, 16), (e, 1))}
   else:
     summary = {"routed_over_dense_E64": ((64, 1), None), "E512_over_E8": ((512, 1), (8, 1))}
+  pairs = [(r, name, num, den) for r in routers for name, (num, den) in summary.items()
+           if all((r, *p) in times for p in (num, den) if p)]
+  raw = [f"{r} {name}={times[(r, *num)] / times[(r, *den)]:.3f}"
+         for r, name, num, den in pairs if den]
+  if raw:
+    print("from the routed times alone (no drift correction): " + ", ".join(raw))
   for r in routers[1:] + routers[:1]:          # the first router's line is the last line
-    if all((r, *p) in times for pair in summary.values() for p in pair if p):
-      value = lambda num, den: (ratios[(r, *num)] if den is None
-                                else times[(r, *num)] / times[(r, *den)])
-      line = " ".join(f"{name}={value(num, den):.3f}" for name, (num, den) in summary.items())
+    line = " ".join(f"{name}={ratios[(r, *num)] / (ratios[(r, *den)] if den else 1.0):.3f}"
+                    for r_, name, num, den in pairs if r_ == r)
+    if line:
       print(line if r == routers[0] else f"{r}: {line}")
-
 
 if __name__ == "__main__":
   main()
