@@ -3,9 +3,9 @@
 Training: run Sinkhorn on the (stop-gradient) router scores, a fixed number of iterations
 inside `lax.fori_loop` (scaling form with log-space potentials, `sinkhorn`), so that each
 token has mass 1/T and each expert 1/E; each token takes the top-k experts of the
-balanced matrix. `temperature` divides the
-scores first: entropic optimal transport approaches the exact balanced assignment
-(BASE layers' linear assignment) as it goes to 0, at the cost of more iterations.
+balanced matrix. `temperature` divides the scores first: entropic optimal transport
+approaches the exact balanced assignment (BASE layers' linear assignment) as it goes to
+0, at the cost of more iterations.
 For k = 1, `balance_rounds` rounds of capacity-constrained greedy matching then round
 the balanced matrix to an assignment with floor(T/E) or ceil(T/E) tokens per expert: each
 unplaced token proposes to its best expert with room, each expert accepts its best
