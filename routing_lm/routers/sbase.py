@@ -133,14 +133,13 @@ def _greedy_rounds(scores: jax.Array, assigned: jax.Array, room: jax.Array,
   """
   t, e = scores.shape
   m = -(-t // 8)
-  unplaced = lambda a: jnp.sum(a < 0)
 
   def full_round(state):
     assigned, room, done = state
     return (*_greedy_round(scores, assigned, room), done + 1)
 
   assigned, room, done = jax.lax.while_loop(
-      lambda s: (s[2] < num_rounds) & (unplaced(s[0]) > m), full_round,
+      lambda s: (s[2] < num_rounds) & (jnp.sum(s[0] < 0) > m), full_round,
       (assigned, room, jnp.zeros((), jnp.int32)))
   idx = jnp.nonzero(assigned < 0, size=m, fill_value=t)[0]        # [m], t = padding
   sub_scores = scores[jnp.minimum(idx, t - 1)]
@@ -153,14 +152,14 @@ def _greedy_rounds(scores: jax.Array, assigned: jax.Array, room: jax.Array,
 def _swap_rounds(scores: jax.Array, ids: jax.Array, num_rounds: int) -> jax.Array:
   """Pairwise exchanges that raise sum_t scores[t, ids[t]] and keep every load.
 
-  The tokens sit in slots [E, ceil(T/E)] by expert, with their score rows gathered
-  once into [E, ceil(T/E), E]: a round is one max over slots (where a scatter-max over
-  T per round was 5x slower on CPU) and small gathers. gain = scores[t, b] - scores[t, ids[t]]; best[a, b] = max gain of a
-  token of expert a moving to b. Exchanging those tokens of a and b gains
-  best[a, b] + best[b, a]; every pair of experts that are each other's best partner
-  (positive gain) exchanges, which moves two slots' contents. Tokens beyond an
-  expert's ceil(T/E) slots (only after an argmax fallback) stay put. Per round
-  O(T*E + E^2).
+  gain = scores[t, b] - scores[t, ids[t]]; best[a, b] = max gain of a token of expert a
+  moving to b. Exchanging those tokens of a and b gains best[a, b] + best[b, a]; every
+  pair of experts that are each other's best partner (positive gain) exchanges, which
+  moves two slots' contents. The tokens sit in slots [E, ceil(T/E)] by expert, with
+  their score rows gathered once into [E, ceil(T/E), E]: a round is one max over slots
+  and small gathers (a scatter-max over T per round was 5x slower on CPU). Tokens
+  beyond an expert's ceil(T/E) slots (only after an argmax fallback) stay put. Per
+  round O(T*E + E^2).
   """
   t, e = scores.shape
   cs = -(-t // e)
