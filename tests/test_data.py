@@ -55,8 +55,9 @@ def tiny(tmp_path_factory):
   return cfg, data.make_pipeline(cfg, process_index=0, process_count=1)
 
 
-def check_packed(b, eos=1):
-  """Invariants of LM-packed rows: shapes, shift within segments, segments, positions."""
+def check_packed(b, eos=1, padding_rows=0):
+  """Invariants of LM-packed rows: shapes, shift within segments, segments, positions.
+  The last `padding_rows` rows must be all-zero padding (weights 0)."""
   for k in ("inputs", "targets", "segment_ids", "positions"):
     assert b[k].dtype == np.int32 and b[k].shape == (BATCH, SEQ), k
   assert b["weights"].dtype == np.float32 and b["weights"].shape == (BATCH, SEQ)
@@ -64,7 +65,9 @@ def check_packed(b, eos=1):
   np.testing.assert_array_equal(b["weights"], (seg > 0).astype(np.float32))
   assert (tgt[seg == 0] == 0).all()
   joins = 0
-  for r in range(BATCH):
+  for r in range(BATCH - padding_rows, BATCH):
+    assert all((b[k][r] == 0).all() for k in b), f"padding row {r} is not all zeros"
+  for r in range(BATCH - padding_rows):
     n = int((seg[r] > 0).sum())
     assert (seg[r, :n] > 0).all() and (seg[r, n:] == 0).all()   # padding only at the end
     assert seg[r, 0] == 1 and pos[r, 0] == 0 and inp[r, 0] == 0
@@ -134,8 +137,30 @@ def test_packed_batches_shift_segments_positions(tiny):
   steps = pipe.steps_per_epoch
   joins = sum(check_packed(b) for b in itertools.islice(pipe.train_batches(0), steps))
   assert joins > 0                                               # documents were packed together
-  for b in pipe.validation_batches(3):
-    check_packed(b)
+  n_val = pipe.num_rows["validation"]
+  batches = pipe.validation_batches(3)
+  assert len(batches) == min(3, -(-n_val // BATCH))
+  for k, b in enumerate(batches):   # only a last batch past the rows is padded
+    check_packed(b, padding_rows=max(0, (k + 1) * BATCH - n_val))
+
+
+def test_validation_batches_pad_past_the_rows(tiny):
+  """5 validation rows in batches of 4: every row once, then 3 all-zero rows."""
+  _, pipe = tiny
+  val = {k: v[:5] for k, v in pipe.arrays("validation").items()}
+  assert len(val["targets"]) == 5, "the tiny corpus needs at least 5 validation rows"
+  mk = lambda i, n: data.ArrayPipeline(  # noqa: E731
+      pipe.arrays("train"), val, vocab_size=pipe.vocab_size, entropy=1.0,
+      global_batch=BATCH, seed=0, process_index=i, process_count=n)
+  batches = mk(0, 1).validation_batches(3)
+  assert len(batches) == 2
+  check_packed(batches[0])
+  check_packed(batches[1], padding_rows=3)
+  seen = np.concatenate([batches[0]["targets"], batches[1]["targets"][:1]])
+  assert sorted(map(bytes, seen)) == sorted(map(bytes, val["targets"]))
+  for k in val:   # two hosts: the same rows and padding, split by host
+    for one, *parts in zip(batches, *(mk(i, 2).validation_batches(2) for i in range(2))):
+      np.testing.assert_array_equal(one[k], np.concatenate([p[k] for p in parts]))
 
 
 def test_packed_rows_hold_exactly_the_train_documents(tiny):
