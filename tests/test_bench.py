@@ -23,3 +23,27 @@ def test_summary_line_is_computed_from_the_table(capsys):
   raw = float(re.search(r"uniform E512_over_E8=([\d.]+)", out[-2])[1])
   t512, t8 = rows[512][1], rows[8][1]
   assert (t512 - 0.05) / (t8 + 0.05) - 0.001 <= raw <= (t512 + 0.05) / max(t8 - 0.05, 1e-9) + 0.001
+
+
+def test_time_steps_carries_the_state_and_returns_the_last():
+  import jax.numpy as jnp
+  from routing_lm.bench import harness
+  calls = []
+
+  def step(state):
+    calls.append(int(state))
+    return state + 1, {"loss": state * 2.0}
+
+  seconds, state, out = harness.time_steps(step, jnp.int32(0), runs=3)
+  assert calls == list(range(len(calls))) and len(calls) >= 4     # warm-up, then 3 timed
+  assert int(state) == len(calls) and float(out["loss"]) == 2.0 * calls[-1]
+  assert seconds >= 0.0
+
+
+def test_synthetic_batch_is_one_shifted_document_per_row():
+  from routing_lm.bench import harness
+  b = harness.synthetic_batch(3, 16, 50)
+  assert all(v.shape == (3, 16) for v in b.values())
+  assert (b["inputs"][:, 1:] == b["targets"][:, :-1]).all()
+  assert b["inputs"].min() >= 3 and b["targets"].max() < 50
+  assert (b["segment_ids"] == 1).all() and (b["positions"] == range(16)).all()

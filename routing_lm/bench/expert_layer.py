@@ -12,7 +12,7 @@ tokens the experts' matmuls shrink to C rows: at `--tokens=32768` (C = 64 at E =
 XLA:CPU's matmul kernels run at 60-65% of their large-matrix speed, whatever the layout.
 
 Each layer is jitted and compiled once and warmed up until the heap stops growing
-(`warm_up`), then the median of `--runs` timed calls, each ending in
+(`harness.warm_up`), then the median of `--runs` timed calls, each ending in
 `block_until_ready` on every output (the loss, the input gradient and every parameter
 gradient). The routed FFW runs in training mode (capacity
 factor `--capacity_factor`, 1.0 by default) with the `uniform` router (no router
@@ -47,10 +47,7 @@ gives the same ratios for sbase.
 from __future__ import annotations
 
 import argparse
-import resource
-import statistics
-import time
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -58,6 +55,7 @@ from flax import nnx
 
 from configs import base
 from routing_lm import cpu_malloc
+from routing_lm.bench import harness
 from routing_lm.model import dispatch
 from routing_lm.model.routed_ffw import RoutedFFW
 from routing_lm.model.transformer import DenseFFW
@@ -83,64 +81,11 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
   return p.parse_args(argv)
 
 
-def compile_fn(fn: Callable[..., Any], *args) -> Callable[[], Any]:
-  """Compiles `fn` once; returns a zero-argument call that blocks on every output."""
-  compiled = jax.jit(fn).lower(*args).compile()
-  return lambda: jax.block_until_ready(compiled(*args))
-
-
-def time_fn(fn: Callable[..., Any], *args, runs: int,
-            stat: Callable[[list[float]], float] = statistics.median) -> float:
-  """`stat` (median) of the seconds of `runs` calls of the compiled `fn` after a warm-up."""
-  return time_interleaved({"fn": compile_fn(fn, *args)}, runs, stat)["fn"]
-
-
-def warm_up(call: Callable[[], Any], max_calls: int = 20) -> int:
-  """Calls `call` until two calls in a row take under 32 page faults; returns the calls.
-
-  Under `cpu_malloc`'s settings the heap keeps what it grew to, but it grows over the
-  first several calls of a large program, in 512 MB steps at unpredictable calls (on
-  this VM each costs ~1.5 s of page faults): after a single warm-up call such steps
-  land in timed calls as 3x outliers. Under glibc's default malloc every call faults
-  its buffers in afresh, so there is nothing to wait for: one call.
-  """
-  if not cpu_malloc.active():
-    max_calls = 1
-  quiet, calls = 0, 0
-  while quiet < 2 and calls < max_calls:
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    call()
-    calls += 1
-    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-    quiet = quiet + 1 if faults < 32 else 0
-  return calls
-
-
-def time_interleaved(calls: dict[str, Callable[[], Any]], runs: int,
-                     stat: Callable[[list[float]], float] = statistics.median
-                     ) -> dict[str, float]:
-  """`stat` (median) of the seconds per call: each warmed up (`warm_up`), then `runs`
-  rounds that time every call once in turn, so slow drifts in machine load (a shared
-  machine) hit all alike."""
-  for call in calls.values():
-    warm_up(call)
-  times: dict[str, list[float]] = {name: [] for name in calls}
-  for _ in range(runs):
-    for name, call in calls.items():
-      start = time.perf_counter()
-      call()
-      times[name].append(time.perf_counter() - start)
-  return {name: stat(t) for name, t in times.items()}
-
-
 def machine(runs: int) -> tuple[float, float]:
   """(peak matmul FLOP/s, memory bandwidth bytes/s) of the default device, float32."""
-  n = 2048
-  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-  t = time_fn(lambda a: a @ a, a, runs=max(runs, 5), stat=min)       # peak: the best run
-  peak = 2 * n ** 3 / t
+  peak = harness.peak_matmul_flops(runs)
   x = jax.random.normal(jax.random.key(1), (64 * 2 ** 20,), jnp.float32)    # 256 MiB
-  t = time_fn(lambda x: x + 1.0, x, runs=max(runs, 5), stat=min)
+  t = harness.time_fn(lambda x: x + 1.0, x, runs=max(runs, 5), stat=min)
   bandwidth = 2 * x.nbytes / t                                                # read + write
   return peak, bandwidth
 
@@ -186,7 +131,7 @@ def train_flops(args: argparse.Namespace, router_params: int) -> float:
 def prepare_layer(args, layer, routed: bool, x, peak, bandwidth):
   """(compiled forward+backward call, (FLOP seconds, weight-traffic seconds)) for a layer."""
   step, (params, rest) = train_step_fn(layer, routed)
-  call = compile_fn(step, params, rest, x, jax.random.key(0))
+  call = harness.compile_fn(step, params, rest, x, jax.random.key(0))
   router = n_params(nnx.state(layer.router, nnx.Param)) if routed else 0
   flops = train_flops(args, router)
   param_bytes = sum(a.nbytes for a in jax.tree.leaves(params))
@@ -235,7 +180,7 @@ def breakdown(args, m, x) -> None:
                                       argnums=(0, 1)), (buf[0], w)),
   }
   for name, (fn, fargs) in pieces.items():
-    print(f"    {name:<20} {1e3 * time_fn(fn, *fargs, runs=args.runs):9.1f} ms")
+    print(f"    {name:<20} {1e3 * harness.time_fn(fn, *fargs, runs=args.runs):9.1f} ms")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -256,7 +201,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   # The dense FFW on [T, d] (its fastest layout here) and as the model calls it, [B, S, d].
   dense_call, dense_bounds = prepare_layer(args, dense, False, x[0], peak, bandwidth)
   dense3d_call, _ = prepare_layer(args, dense, False, x, peak, bandwidth)
-  first = time_interleaved({"dense": dense_call, "dense3d": dense3d_call}, args.runs)
+  first = harness.time_interleaved({"dense": dense_call, "dense3d": dense3d_call}, args.runs)
   dense_b = max(dense_bounds)
   print(f"dense FFW [T, d]: {1e3 * first['dense']:.1f} ms (bound {1e3 * dense_b:.1f} ms, "
         f"time/bound {first['dense'] / dense_b:.2f}); as called in the model, [1, T, d]: "
@@ -277,7 +222,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         layer = RoutedFFW(m, rngs=nnx.Rngs(params=0))
       call, bounds = prepare_layer(args, layer, True, x, peak, bandwidth)
       del layer
-      block = time_interleaved({"dense": dense_call, "routed": call}, args.runs)
+      block = harness.time_interleaved({"dense": dense_call, "routed": call}, args.runs)
       del call                                   # one routed layer in memory at a time
       s, dense_s = block["routed"], block["dense"]
       b, add = max(bounds), sum(bounds)

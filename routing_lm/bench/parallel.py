@@ -7,11 +7,12 @@ Runs on 8 simulated CPU devices (it sets `--xla_force_host_platform_device_count
 before importing jax), so the step times compare the programs XLA builds for each mesh
 (their collectives and per-device work) on 2-16 host cores, not real interconnects. For
 each mesh, with ZeRO-1 off and on: the compiled train step (`train.make_train_step`),
-one warm-up step, then the median of `--steps` timed steps (each ending in
-`block_until_ready`). Memory is per device, from the shards of the live arrays on the
+warm-up steps (`bench.harness`), then the median of `--steps` timed steps (each ending
+in `block_until_ready`). Memory is per device, from the shards of the live arrays on the
 mesh's first device: parameters, optimizer state, and their sum; `temp` is XLA's
 scratch estimate for the step (`memory_analysis().temp_size_in_bytes`). A 1-device
-row (same token grouping as the 8-device meshes) comes first as the reference.
+row (same token grouping as the 8-device meshes) comes first as the reference; `loss`
+is the first step's, the same on every mesh.
 The last line is `zero1_opt_ratio_<mesh>=..` for each mesh (per-device optimizer
 bytes with ZeRO-1 / without).
 """
@@ -24,7 +25,6 @@ if "--xla_force_host_platform_device_count=8" not in os.environ.get("XLA_FLAGS",
                              + " --xla_force_host_platform_device_count=8").strip()
 
 import argparse  # noqa: E402
-import statistics  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 
@@ -32,6 +32,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from routing_lm import cpu_malloc  # noqa: E402
+from routing_lm.bench import harness  # noqa: E402
 
 DEFAULT_MESHES = ("8,1,1", "2,4,1", "2,2,2", "1,8,1")
 
@@ -40,15 +41,6 @@ def device_bytes(tree, device) -> int:
   """Bytes of `tree`'s shards that live on `device`."""
   return sum(sh.data.nbytes for a in jax.tree.leaves(tree) for sh in a.addressable_shards
              if sh.device == device)
-
-
-def synthetic_batch(batch: int, seq: int, vocab: int) -> dict[str, np.ndarray]:
-  rng = np.random.default_rng(0)
-  toks = rng.integers(3, vocab, size=(batch, seq + 1)).astype(np.int32)
-  return {"inputs": toks[:, :-1], "targets": toks[:, 1:],
-          "segment_ids": np.ones((batch, seq), np.int32),
-          "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), (batch, seq)).copy(),
-          "weights": np.ones((batch, seq), np.float32)}
 
 
 def measure(config, mesh_shape: tuple[int, int, int], zero1: bool, steps: int,
@@ -62,7 +54,7 @@ def measure(config, mesh_shape: tuple[int, int, int], zero1: bool, steps: int,
   s = train.setup(c, mesh)
   state = train.init_state(s)
   step = train.make_train_step(s)
-  host = synthetic_batch(c.data.batch_size, c.data.seq_len, c.model.vocab_size)
+  host = harness.synthetic_batch(c.data.batch_size, c.data.seq_len, c.model.vocab_size)
   dev = s.mesh.devices.flat[0]
   row = {"params": device_bytes(state["params"], dev), "opt": device_bytes(state["opt"], dev)}
   with jax.set_mesh(s.mesh):
@@ -74,16 +66,10 @@ def measure(config, mesh_shape: tuple[int, int, int], zero1: bool, steps: int,
     row["all_to_all"] = hlo.count(" all-to-all(") + hlo.count(" all-to-all-start(")
     mem = compiled.memory_analysis()
     row["temp"] = getattr(mem, "temp_size_in_bytes", float("nan")) if mem else float("nan")
-    state, metrics = compiled(state, batch)                        # warm-up
-    jax.block_until_ready(metrics["loss"])
-    times = []
-    for _ in range(steps):
-      t0 = time.perf_counter()
-      state, metrics = compiled(state, batch)
-      jax.block_until_ready(metrics["loss"])
-      times.append(time.perf_counter() - t0)
-  row["step_s"] = statistics.median(times)
-  row["loss"] = float(metrics["loss"])
+    state, metrics = compiled(state, batch)    # the first step's loss: same on every mesh
+    row["loss"] = float(metrics["loss"])
+    row["step_s"], _, _ = harness.time_steps(lambda state: compiled(state, batch), state,
+                                             steps)
   row["groups"] = s.config.model.routing.num_groups
   return row
 

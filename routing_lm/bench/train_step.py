@@ -2,40 +2,21 @@
 
     python -m routing_lm.bench.train_step [--steps 20] [--router sbase] [--experts 8]
 
-Measured in one process: the peak FLOP/s of a large jitted `jnp.dot` (median of 5), then
-the tiny config's jitted train step on a fixed synthetic batch (median step time over
-`--steps` after a warm-up). Model FLOPs per step = 3 x (F + output layer) x tokens, with
-F from `model.counting` (forward FLOPs per token: 2 x active parameters, attention
-scores, router); XLA's own count (`cost_analysis`) is printed beside it. The last line
-reads `tokens_per_s=<x> flops_utilization=<y>`.
+Measured in one process: the peak FLOP/s of a large jitted matmul (best of 5), then the
+tiny config's compiled train step on a fixed synthetic batch (median step time over
+`--steps` after `bench.harness`'s warm-up). Model FLOPs per step = 3 x (F + output
+layer) x tokens, with F from `model.counting` (forward FLOPs per token: 2 x active
+parameters, attention scores, router); XLA's own count (`cost_analysis`) is printed
+beside it. The last line reads `tokens_per_s=<x> flops_utilization=<y>`.
 """
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
 from routing_lm import cpu_malloc
-
-
-def median_time(fn, *args, repeats: int) -> float:
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
-
-
-def peak_flops(n: int = 2048) -> float:
-  a = jnp.ones((n, n), jnp.float32)
-  dot = jax.jit(jnp.dot)
-  return 2 * n ** 3 / median_time(dot, a, a, repeats=5)
+from routing_lm.bench import harness
 
 
 def main() -> None:
@@ -49,30 +30,19 @@ def main() -> None:
   from routing_lm import train
   from routing_lm.model import counting
 
-  peak = peak_flops()
+  peak = harness.peak_matmul_flops()
   config = tiny.get_config(f"{args.router},{args.experts}")
   s = train.setup(config)
   c = s.config
   b, t = c.data.batch_size, c.data.seq_len
-  rng = np.random.default_rng(0)
-  toks = rng.integers(3, c.model.vocab_size, size=(b, t + 1)).astype(np.int32)
-  batch = train.to_global(s, {
-      "inputs": toks[:, :-1], "targets": toks[:, 1:], "segment_ids": np.ones((b, t), np.int32),
-      "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy(),
-      "weights": np.ones((b, t), np.float32)})
+  batch = train.to_global(s, harness.synthetic_batch(b, t, c.model.vocab_size))
   step = train.make_train_step(s)
-  state = train.init_state(s)
   with jax.set_mesh(s.mesh):
-    xla_flops = step.lower(state, batch).compile().cost_analysis().get("flops", float("nan"))
-    state, _ = step(state, batch)                                  # warm-up (compiles)
-    jax.block_until_ready(state)
-    times = []
-    for _ in range(args.steps):
-      t0 = time.perf_counter()
-      state, metrics = step(state, batch)
-      jax.block_until_ready(metrics["loss"])
-      times.append(time.perf_counter() - t0)
-  step_time = statistics.median(times)
+    state = train.init_state(s)
+    compiled = step.lower(state, batch).compile()
+    xla_flops = compiled.cost_analysis().get("flops", float("nan"))
+    step_time, _, _ = harness.time_steps(lambda state: compiled(state, batch), state,
+                                         args.steps)
   counts = counting.count(c.model, t)
   tokens = b * t
   model_flops = 3 * (counts.flops_per_token + 2 * c.model.d_model * c.model.vocab_size) * tokens
@@ -80,7 +50,7 @@ def main() -> None:
   util = model_flops / step_time / peak
   rows = [("config", f"tiny {args.router} E={args.experts}, batch {b} x {t}, {c.model.dtype}, "
                      f"{jax.device_count()} {jax.devices()[0].platform} device(s)"),
-          ("peak matmul FLOP/s (2048^3 dot)", f"{peak:.3e}"),
+          ("peak matmul FLOP/s (2048^3, best of 5)", f"{peak:.3e}"),
           ("median step time (s)", f"{step_time:.4f}"),
           ("tokens/s", f"{tokens_per_s:,.0f}"),
           ("model FLOPs/step (3 x (F + output) x tokens)", f"{model_flops:.3e}"),

@@ -11,7 +11,6 @@ No gate (weights 1), no router parameters, no auxiliary loss.
 """
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
