@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from routing_lm import cpu_malloc
+
 
 def compile_fn(fn: Callable[..., Any], *args) -> Callable[[], Any]:
   """Compiles `fn` once; returns a zero-argument call that blocks on every output."""
@@ -29,7 +31,6 @@ def warm_up(call: Callable[[], Any], max_calls: int = 20) -> int:
   Under glibc's default malloc every call faults its buffers in afresh, so there is
   nothing to wait for: one call.
   """
-  from routing_lm import cpu_malloc
   if not cpu_malloc.active():
     max_calls = 1
   quiet, calls = 0, 0
