@@ -158,8 +158,9 @@ def test_validation_batches_pad_past_the_rows(tiny):
   check_packed(batches[1], padding_rows=3)
   seen = np.concatenate([batches[0]["targets"], batches[1]["targets"][:1]])
   assert sorted(map(bytes, seen)) == sorted(map(bytes, val["targets"]))
-  for k in val:   # two hosts: the same rows and padding, split by host
-    for one, *parts in zip(batches, *(mk(i, 2).validation_batches(2) for i in range(2))):
+  hosts = [mk(i, 2).validation_batches(2) for i in range(2)]   # the same rows and padding,
+  for one, *parts in zip(batches, *hosts):                     # split by host
+    for k in val:
       np.testing.assert_array_equal(one[k], np.concatenate([p[k] for p in parts]))
 
 
