@@ -3,6 +3,7 @@ import itertools
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 
@@ -104,7 +105,7 @@ def test_tokenizer_trained_once_reused_and_retrained_on_change(tmp_path):
   other = tokenizer_lib.get_or_train(corpus, VOCAB - 20, cache)  # changed setting
   assert tokenizer_lib.TRAIN_CALLS == calls + 2 and other.path != tok.path
 
-  victim = corpus.train[0].key                                   # changed corpus
+  victim = tmp_path / corpus.train[0].key                        # changed corpus
   with open(victim, "a") as f:
     f.write("an extra line of training text\n")
   changed = tokenizer_lib.get_or_train(
@@ -120,7 +121,7 @@ def test_split_by_path_hash_is_disjoint_and_stable(tmp_path):
   a = corpus_lib.text_files(files, validation_fraction=0.25)
   train, val = {d.key for d in a.train}, {d.key for d in a.validation}
   assert train and val and not train & val
-  assert train | val == {os.path.abspath(str(p)) for p in (tmp_path / "c").glob("*.txt")}
+  assert train | val == {f"c/{p.name}" for p in (tmp_path / "c").glob("*.txt")}
   for k in train | val:
     assert corpus_lib.split_of(k, 0.25) == ("train" if k in train else "validation")
   b = corpus_lib.text_files(files, validation_fraction=0.25)
@@ -128,6 +129,35 @@ def test_split_by_path_hash_is_disjoint_and_stable(tmp_path):
   write_corpus(str(tmp_path / "c2"), n_files=10, seed=1)          # more files elsewhere
   c = corpus_lib.text_files(f"{files},{tmp_path}/c2/*.txt", validation_fraction=0.25)
   assert train <= {d.key for d in c.train} and val <= {d.key for d in c.validation}
+
+
+def test_split_survives_moving_the_corpus(tmp_path):
+  """Keys are relative to each pattern's literal head, so a copy elsewhere splits alike."""
+  write_corpus(str(tmp_path / "a" / "c" / "en"), n_files=30)
+  write_corpus(str(tmp_path / "a" / "c" / "de"), n_files=30, seed=1)
+  shutil.copytree(tmp_path / "a", tmp_path / "moved" / "deeper")
+  here = corpus_lib.text_files(f"{tmp_path}/a/c/**/*.txt", validation_fraction=0.25)
+  there = corpus_lib.text_files(f"{tmp_path}/moved/deeper/c/**/*.txt",
+                                validation_fraction=0.25)
+  assert here == there and here.fingerprint() == there.fingerprint()
+  assert {d.key for d in here.validation} and all(
+      d.key.startswith(("c/en/doc_", "c/de/doc_")) for d in here.train + here.validation)
+
+
+def test_document_keys_per_pattern(tmp_path, monkeypatch):
+  write_corpus(str(tmp_path / "c" / "sub"), n_files=3)
+  monkeypatch.chdir(tmp_path)
+  keys = lambda files: sorted(corpus_lib.expand_files(files))  # noqa: E731
+  assert keys("c/sub/doc_00.txt") == ["sub/doc_00.txt"]                 # a literal file
+  assert keys(f"{tmp_path}/c/s*b/doc_0[01].txt") == ["c/sub/doc_00.txt", "c/sub/doc_01.txt"]
+  # A file matched twice takes its longest key, in either order of the patterns.
+  both = ["c/sub/doc_00.txt", "c/sub/doc_01.txt", "c/sub/doc_02.txt"]
+  assert keys("c/sub/doc_00.txt,c/**/*.txt") == keys("c/**/*.txt,c/sub/doc_00.txt") == both
+  assert corpus_lib.expand_files("c/**/*.txt")["c/sub/doc_01.txt"] == str(
+      tmp_path / "c" / "sub" / "doc_01.txt")
+  write_corpus(str(tmp_path / "d" / "sub"), n_files=1)                 # d/sub/doc_00.txt
+  with pytest.raises(corpus_lib.DataError, match="both get the document key 'sub/doc_00.txt'"):
+    corpus_lib.expand_files("c/sub/*.txt,d/sub/*.txt")
 
 
 # ---- packing -----------------------------------------------------------------------

@@ -8,11 +8,16 @@ documents, never crosses the split.
   and `__pycache__`. Keys are `stdlib/<path relative to the stdlib root>`, so the
   split is the same on every machine with the same Python version.
 - `text_files`: the comma-separated paths or globs of `data.files` (`**` recurses).
-  Keys are absolute paths.
+  Keys are paths relative to the parent of each pattern's literal directory, so they
+  keep that directory's name: `/data/c4/**/*.txt` keys `/data/c4/en/a.txt` as
+  `c4/en/a.txt`, `books/part-0.txt` keys itself. The split thus stays the same when the
+  corpus is copied to another directory or machine. A file matched by several patterns
+  takes its longest key (whatever the patterns' order); two files with one key are an
+  error.
 
 Split: a document goes to validation when `sha256("split:" + key)`, read as a number
 in [0, 1), is below `validation_fraction`. A file's side therefore depends on its own
-path only: adding or removing other files never moves it. (If the hash leaves one
+key only: adding or removing other files never moves it. (If the hash leaves one
 side empty, the file with the smallest / largest hash moves over, so a corpus of a
 few files still has both splits.)
 
@@ -172,30 +177,53 @@ def stdlib_text(max_chars: int = 0, validation_fraction: float = 0.05) -> Corpus
                 f"stdlib_text ({root})")
 
 
-def expand_files(files: str) -> list[str]:
-  """Absolute, de-duplicated file paths for comma-separated paths or globs."""
+def _key_root(pattern: str) -> str:
+  """The directory a pattern's keys are relative to: the parent of its literal head.
+
+  The literal head is the pattern's directory up to its first component with a glob
+  character: `/data/c4/**/*.txt` -> `/data/c4` -> root `/data`.
+  """
+  head = os.path.dirname(pattern)
+  while glob.has_magic(head):
+    head = os.path.dirname(head)
+  return os.path.dirname(os.path.abspath(head))
+
+
+def expand_files(files: str) -> dict[str, str]:
+  """{key: absolute path} for comma-separated paths or globs (keys: module docstring)."""
   patterns = [p.strip() for p in (files or "").split(",") if p.strip()]
   if not patterns:
     raise DataError(
         f"data.files={files!r} is empty but data.task='text_files' needs text. Fix: "
         "--config.data.files='/path/to/*.txt,/other/file.md' (comma-separated paths "
         "or globs).")
-  out = {}
+  keys: dict[str, str] = {}                       # absolute path -> key
   for p in patterns:
     expanded = os.path.expanduser(p)
-    matches = sorted(glob.glob(expanded, recursive=True))
     if os.path.isdir(expanded):
       raise DataError(
           f"data.files: {p!r} is a directory. Fix: name its files with a glob, e.g. "
           f"'{p.rstrip('/')}/**/*.txt'.")
-    files_only = [m for m in matches if os.path.isfile(m)]
+    files_only = [m for m in sorted(glob.glob(expanded, recursive=True)) if os.path.isfile(m)]
     if not files_only:
       raise DataError(
           f"data.files: {p!r} matches no files (working directory {os.getcwd()!r}). "
           "Fix: check the path; globs follow Python's glob with `**` for subdirectories.")
+    root = _key_root(expanded)
     for m in files_only:
-      out.setdefault(os.path.abspath(m), None)
-  return list(out)
+      path = os.path.abspath(m)
+      key = os.path.relpath(path, root).replace(os.sep, "/")
+      keys[path] = max(keys.get(path, key), key, key=lambda k: (k.count("/"), k))
+  out: dict[str, str] = {}
+  for path, key in sorted(keys.items()):
+    if key in out:
+      raise DataError(
+          f"data.files={files!r}: {out[key]!r} and {path!r} both get the document key "
+          f"{key!r} (the path below the parent of each pattern's literal directory; "
+          "the key decides the train/validation split). Fix: match both with one glob "
+          "over a common parent directory, or rename one of them.")
+    out[key] = path
+  return out
 
 
 def text_files(files: str, max_chars: int = 0,
@@ -205,10 +233,10 @@ def text_files(files: str, max_chars: int = 0,
   paths = expand_files(files)
 
   def read(key: str) -> str:
-    with open(key, "rb") as fh:
-      return _decode(key, fh.read(), "data.files")
+    with open(paths[key], "rb") as fh:
+      return _decode(paths[key], fh.read(), "data.files")
 
-  docs = _select(paths, read, max_chars)
+  docs = _select(list(paths), read, max_chars)
   if not docs:
     raise DataError(
         f"data.files={files!r} matches {len(paths)} file(s) but they hold no text "
