@@ -212,8 +212,8 @@ def expand_files(files: str) -> dict[str, str]:
     root = _key_root(expanded)
     for m in files_only:
       path = os.path.abspath(m)
-      key = os.path.relpath(path, root).replace(os.sep, "/")
-      keys[path] = max(keys.get(path, key), key, key=lambda k: (k.count("/"), k))
+      doc_key = os.path.relpath(path, root).replace(os.sep, "/")
+      keys[path] = max(keys.get(path, doc_key), doc_key, key=lambda k: (k.count("/"), k))
   out: dict[str, str] = {}
   for path, key in sorted(keys.items()):
     if key in out:
@@ -233,8 +233,9 @@ def text_files(files: str, max_chars: int = 0,
   paths = expand_files(files)
 
   def read(key: str) -> str:
-    with open(paths[key], "rb") as fh:
-      return _decode(paths[key], fh.read(), "data.files")
+    path = paths[key]
+    with open(path, "rb") as fh:
+      return _decode(path, fh.read(), "data.files")
 
   docs = _select(list(paths), read, max_chars)
   if not docs:
