@@ -32,7 +32,11 @@ setuptools.setup(
     name="routing_lm",
     version="0.1.0",
     description="Routed language models (S-BASE, HASH, RL-R, top-k) and unified scaling laws in JAX/Flax",
-    packages=setuptools.find_packages(include=["routing_lm", "routing_lm.*"]),
+    # The top-level configs/ folder ships inside the package as `routing_lm.configs`, so a
+    # pip-installed package names the same files (routing_lm.config.resolve).
+    packages=(setuptools.find_packages(include=["routing_lm", "routing_lm.*"])
+              + ["routing_lm.configs", "routing_lm.configs.sweeps"]),
+    package_dir={"routing_lm.configs": "configs"},
     python_requires=">=3.11",
     install_requires=CORE + DATA,
     extras_require={"test": TEST, "tpu": ["jax[tpu]>=0.10.2"]},

@@ -7,6 +7,8 @@ is documented in README.md ("Config reference") and validated by
 import ml_collections
 from ml_collections import config_dict
 
+from routing_lm import routers
+
 
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
@@ -23,11 +25,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.dtype = "bfloat16"        # compute dtype; router math is always float32
   c.model.param_dtype = "float32"
   c.model.rope_base = 10_000.0      # rotary positions (no extra projection; see README)
-  c.model.remat = False             # rematerialise each block in the backward pass
+  c.model.remat = "none"            # backward keeps: none | full (block inputs) | dots
 
   # ---- routing (paper_spec.md sections 1, 4; finegrained_spec.md section 1) ----
   r = c.model.routing = ml_collections.ConfigDict()
-  r.router = "sbase"                # sbase | hash | rlr | topk (| uniform, for benchmarks)
+  r.router = "sbase"                # a name in routing_lm.routers.REGISTRY (uniform: benchmarks)
   r.num_experts = 64                # E; 1 = the dense model (same N)
   r.top_k = 1                       # K
   r.routing_frequency = 0.5         # R: fraction of FFW blocks routed (every 1/R-th)
@@ -38,13 +40,11 @@ def get_config() -> ml_collections.ConfigDict:
   r.granularity = 1                 # G: E*G experts of width d_ff/G, K*G per token
   r.output_norm = False             # LayerNorm on the routed FFW's output
   r.num_groups = 1                  # token groups routed independently (set by the mesh)
-  r.sbase = ml_collections.ConfigDict(dict(
-      sinkhorn_iters=30, temperature=0.1, balance_rounds=8, scope="group"))
-  r.hash = ml_collections.ConfigDict(dict(method="balanced", seed=42))
-  r.rlr = ml_collections.ConfigDict(dict(
-      entropy_coef=0.01, balance_coef=0.01, scale_output=True,
-      reinforce_coef=1.0))
-  r.topk = ml_collections.ConfigDict(dict(balance_coef=0.01, z_loss_coef=0.001))
+  # One section per router with fields, `model.routing.<name>`: each router declares its
+  # own (`defaults` in routing_lm/routers/<name>.py, documented there and in README.md).
+  for name, router in sorted(routers.REGISTRY.items()):
+    if router.defaults:
+      r[name] = ml_collections.ConfigDict(dict(router.defaults))
 
   # ---- data ----
   c.data = ml_collections.ConfigDict()

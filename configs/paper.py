@@ -39,7 +39,9 @@ from __future__ import annotations
 
 import ml_collections
 
-from configs import base
+from routing_lm import config as config_lib
+
+base = config_lib.load_module("configs/base.py")
 
 # name -> (d_model, num_layers, num_heads, head size, d_ff): paper_spec.md section 3.
 SIZES: dict[str, tuple[int, int, int, int, int]] = {
@@ -63,86 +65,53 @@ DEFAULT_ARG = "130m,sbase,64"
 DEFAULT_EXPERTS = 64
 # key=value options of the argument: name -> (config field, type, meaning)
 OPTIONS: dict[str, tuple[str, type, str]] = {
-    "k": ("model.routing.top_k", int, "experts per token K"),
-    "r": ("model.routing.routing_frequency", float, "routing frequency R in (0, 1]"),
-    "g": ("model.routing.granularity", int, "granularity G"),
+    "k": ("model.routing.top_k", int, "experts per token K, an integer"),
+    "r": ("model.routing.routing_frequency", float, "routing frequency R, a number in (0, 1]"),
+    "g": ("model.routing.granularity", int, "granularity G, an integer"),
 }
-
-
-def _config_error(message: str) -> Exception:
-  from routing_lm.config import ConfigError
-  return ConfigError(message)
+USAGE = ("expected '<size>[,<router>[,<E>]][,k=<K>][,r=<R>][,g=<G>]', e.g. "
+         f"'{DEFAULT_ARG}' or '130m,sbase,64,k=2,r=1.0'")
 
 
 def routers() -> list[str]:
-  """The router names this config accepts: `dense` and the registry's paper routers."""
-  from routing_lm import routers as registry
-  return [DENSE] + sorted(r for r in registry.REGISTRY if r != "uniform")
+  """The router names this config accepts: `dense` and every registered router except
+  the benchmark-only `uniform`."""
+  from routing_lm.routers import REGISTRY
+  return [DENSE] + sorted(r for r in REGISTRY if r != "uniform")
 
 
-def _usage() -> str:
-  return (f"expected '<size>[,<router>[,<E>]][,k=<K>][,r=<R>][,g=<G>]', e.g. "
-          f"'{DEFAULT_ARG}' or '130m,sbase,64,k=2,r=1.0'")
+def _experts(text: str) -> int:
+  experts = int(text)
+  if experts < 1:
+    raise ValueError(text)
+  return experts
 
 
 def parse_arg(arg: str | None) -> dict:
   """'130m,sbase,64,k=2' -> {'size': '130m', 'router': 'sbase', 'num_experts': 64, 'k': 2}."""
-  text = (arg or DEFAULT_ARG).strip()
-  parts = [p.strip() for p in text.split(",")]
-  if not parts or any(not p for p in parts):
-    raise _config_error(f"configs/paper.py:{text!r} has an empty item; {_usage()}.")
-  positional = [p for p in parts if "=" not in p]
-  keyed = [p for p in parts if "=" in p]
-  if parts[:len(positional)] != positional:
-    raise _config_error(f"configs/paper.py:{text!r}: size, router and E come first, then "
-                        f"key=value options; {_usage()}.")
-  if len(positional) > 3:
-    raise _config_error(f"configs/paper.py:{text!r} has {len(positional)} positional items "
-                        f"(at most size, router, E); {_usage()}.")
-  size = positional[0].lower()
-  if size not in SIZES:
-    raise _config_error(f"configs/paper.py: unknown size {positional[0]!r}; allowed sizes: "
-                        f"{', '.join(SIZES)}.")
-  router = positional[1].lower() if len(positional) > 1 else DENSE
+  point = config_lib.parse_arg(
+      arg or DEFAULT_ARG, where="configs/paper.py", usage=USAGE,
+      positional=(("size", str.lower, f"one of {', '.join(SIZES)}"),
+                  ("router", str.lower, f"one of {', '.join(routers())}"),
+                  ("num_experts", _experts, "the number of experts E, an integer >= 1 (1 = dense)")),
+      options={k: (kind, meaning) for k, (_, kind, meaning) in OPTIONS.items()})
+  if point["size"] not in SIZES:
+    raise config_lib.ConfigError(f"configs/paper.py: unknown size {point['size']!r}; allowed "
+                                 f"sizes: {', '.join(SIZES)}.")
+  router = point.setdefault("router", DENSE)
   allowed = routers()
   if router not in allowed:
-    raise _config_error(f"configs/paper.py: unknown router {positional[1]!r}; allowed "
-                        f"routers: {', '.join(allowed)}.")
-  if len(positional) > 2:
-    try:
-      experts = int(positional[2])
-    except ValueError:
-      raise _config_error(f"configs/paper.py: E={positional[2]!r} is not an integer; "
-                          f"E is the number of experts (1 = dense), e.g. 64.") from None
-    if experts < 1:
-      raise _config_error(f"configs/paper.py: E={experts} must be >= 1 (1 = dense).")
-  else:
-    experts = 1 if router == DENSE else DEFAULT_EXPERTS
+    raise config_lib.ConfigError(f"configs/paper.py: unknown router {router!r}; allowed "
+                                 f"routers: {', '.join(allowed)}.")
+  experts = point.setdefault("num_experts", 1 if router == DENSE else DEFAULT_EXPERTS)
   if router == DENSE and experts != 1:
-    raise _config_error(f"configs/paper.py: router 'dense' has E=1, got E={experts}; name a "
-                        f"router for a routed model ({', '.join(allowed[1:])}).")
-  out = {"size": size, "router": router, "num_experts": experts}
-  for item in keyed:
-    key, _, value = item.partition("=")
-    key = key.strip().lower()
-    if key not in OPTIONS:
-      raise _config_error(f"configs/paper.py: unknown option {key!r} in {text!r}; allowed "
-                          "options: " + ", ".join(f"{k}= ({v[2]})" for k, v in OPTIONS.items())
-                          + ".")
-    if key in out:
-      raise _config_error(f"configs/paper.py: option {key!r} is given twice in {text!r}.")
-    kind = OPTIONS[key][1]
-    try:
-      out[key] = kind(value.strip())
-    except ValueError:
-      raise _config_error(f"configs/paper.py: {key}={value!r} is not a valid "
-                          f"{kind.__name__} ({OPTIONS[key][2]}).") from None
-  return out
+    raise config_lib.ConfigError(
+        f"configs/paper.py: router 'dense' has E=1, got E={experts}; name a router for a "
+        f"routed model ({', '.join(allowed[1:])}).")
+  return point
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  from routing_lm.config import validate
-
   point = parse_arg(arg)
   size = point["size"]
   d_model, num_layers, num_heads, head_size, d_ff = SIZES[size]
@@ -178,5 +147,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   label = DENSE if r.num_experts == 1 else f"{point['router']}_e{r.num_experts}"
   extras = "".join(f"_{k}{point[k]}" for k in OPTIONS if k in point)
   c.name = f"paper_{size}_{label}{extras}"
-  validate(c)
+  config_lib.validate(c)
   return c

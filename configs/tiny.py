@@ -3,11 +3,13 @@
     python -m routing_lm.main --config=configs/tiny.py --workdir=/tmp/tiny
     python -m routing_lm.main --config=configs/tiny.py:hash,8 --workdir=/tmp/tiny_hash
 
-The optional argument is `<router>,<num_experts>` (num_experts 1 = dense).
+The optional argument is `<router>[,<num_experts>]` (num_experts 1 = dense).
 """
 import ml_collections
 
-from configs import base
+from routing_lm import config as config_lib
+
+base = config_lib.load_module("configs/base.py")
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
@@ -34,8 +36,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.train.log_every = 10
   c.train.zero1 = False
   if arg:
-    router, _, experts = arg.partition(",")
-    c.model.routing.router = router
-    if experts:
-      c.model.routing.num_experts = int(experts)
+    point = config_lib.parse_arg(arg, where="configs/tiny.py",
+                                 usage="expected '<router>[,<num_experts>]', e.g. 'hash,8'",
+                                 positional=(("router", str, "a router name"),
+                                             ("num_experts", int, "an integer E >= 1")))
+    c.model.routing.router = point["router"]
+    c.model.routing.num_experts = point.get("num_experts", c.model.routing.num_experts)
   return c

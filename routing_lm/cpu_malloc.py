@@ -3,21 +3,21 @@
 XLA:CPU allocates its large buffers (activations, gradients: GBs per step at E = 512)
 with malloc on every step. By default glibc maps each from the kernel afresh and unmaps
 it on free, so every step page-faults all of them in again, 4 KiB at a time: up to half
-of a step, and very variable (a quarter of a benchmark's CPU time was in the kernel).
-`TUNABLES` make glibc keep freed memory for reuse (one arena, no mmap, no trimming: the
-process keeps its peak memory, as tcmalloc does) and back it with 2 MiB transparent huge
-pages. Measured on a 2-core VM: tiny train step 9,200 -> 11,700 tokens/s; forward+backward
-at 32,768 tokens: dense FFW 835 -> 650 ms, routed FFW at E = 512 1.5-1.9 s -> 0.93-0.97 s.
+of a step, and very variable. `TUNABLES` make glibc keep freed memory for reuse (one
+arena, no mmap, no trimming: the process keeps its peak memory, as tcmalloc does) and
+back it with 2 MiB transparent huge pages. Measured numbers: docs/benchmarks.md.
 
-glibc reads tunables only at process start, so `reexec()` re-runs the current command
-once with them, before any work is done. It does nothing where it does not apply
-(another OS or C library, an accelerator host or `JAX_PLATFORMS` other than cpu,
-transparent huge pages off), when GLIBC_TUNABLES already sets malloc, or when
-`ROUTING_LM_CPU_MALLOC=0`.
+glibc reads tunables only at process start, so this is a choice the user makes before
+starting Python, never something the package does by itself:
+
+    export GLIBC_TUNABLES=$(python -m routing_lm.cpu_malloc)    # prints the setting
+
+The command prints the value to set (the current GLIBC_TUNABLES plus `TUNABLES`), or
+the current value unchanged where the settings do not apply: another OS or C library,
+transparent huge pages off. The benchmarks print `status()` in their header.
 """
 from __future__ import annotations
 
-import glob
 import os
 import platform
 import sys
@@ -25,7 +25,6 @@ import sys
 TUNABLES = ("glibc.malloc.hugetlb=1", "glibc.malloc.arena_max=1", "glibc.malloc.mmap_max=0",
             f"glibc.malloc.trim_threshold={1 << 40}", f"glibc.malloc.top_pad={256 << 20}")
 THP_SETTING = "/sys/kernel/mm/transparent_hugepage/enabled"
-ACCELERATORS = ("/dev/accel*", "/dev/vfio/[0-9]*", "/dev/nvidia[0-9]*")
 
 
 def _thp_mode() -> str:
@@ -37,16 +36,10 @@ def _thp_mode() -> str:
     return "unknown"
 
 
-def _glibc() -> bool:
-  return sys.platform == "linux" and platform.libc_ver()[0] == "glibc"
-
-
-def _cpu_backend() -> bool:
-  """Whether JAX will run on the CPU: JAX_PLATFORMS says so, or no accelerator exists."""
-  platforms = os.environ.get("JAX_PLATFORMS", "")
-  if platforms:
-    return platforms == "cpu"
-  return not any(glob.glob(pattern) for pattern in ACCELERATORS)
+def applies() -> bool:
+  """Whether the settings can take effect here: Linux, glibc, transparent huge pages."""
+  return (sys.platform == "linux" and platform.libc_ver()[0] == "glibc"
+          and _thp_mode() in ("always", "madvise"))
 
 
 def active() -> bool:
@@ -56,26 +49,22 @@ def active() -> bool:
 
 
 def status() -> str:
-  """'on' or 'off' with the reason, for benchmark headers."""
+  """'on' or 'off' with how to turn them on, for benchmark headers."""
   if active():
     return "on"
-  return (f"off (GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}, "
-          f"transparent huge pages {_thp_mode()})")
+  if not applies():
+    return "off (not applicable on this host)"
+  return "off (export GLIBC_TUNABLES=$(python -m routing_lm.cpu_malloc) to turn on)"
 
 
-def wanted() -> bool:
-  """Whether re-running with `TUNABLES` applies and has not happened yet."""
-  return (os.environ.get("ROUTING_LM_CPU_MALLOC", "1") != "0" and _glibc()
-          and "glibc.malloc" not in os.environ.get("GLIBC_TUNABLES", "")
-          and _thp_mode() in ("always", "madvise") and _cpu_backend())
+def tunables_value() -> str:
+  """The GLIBC_TUNABLES value to run with: the current one, plus `TUNABLES` where they apply."""
+  current = os.environ.get("GLIBC_TUNABLES", "")
+  if not applies() or active():
+    return current
+  kept = [t for t in current.split(":") if t and not t.startswith("glibc.malloc.")]
+  return ":".join(kept + list(TUNABLES))
 
 
-def reexec() -> None:
-  """Re-runs this process's command line with `GLIBC_TUNABLES` extended by `TUNABLES`."""
-  if not wanted():
-    return
-  tunables = ":".join(t for t in (os.environ.get("GLIBC_TUNABLES"), *TUNABLES) if t)
-  print("routing_lm: re-running with malloc settings for XLA:CPU (routing_lm/cpu_malloc.py; "
-        "ROUTING_LM_CPU_MALLOC=0 turns this off)", file=sys.stderr, flush=True)
-  os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]],
-            dict(os.environ, GLIBC_TUNABLES=tunables))
+if __name__ == "__main__":
+  print(tunables_value())

@@ -20,7 +20,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from routing_lm import cpu_malloc  # noqa: E402
+from routing_lm import config as config_lib  # noqa: E402
 from routing_lm.metrics import read_jsonl  # noqa: E402
 
 
@@ -57,7 +57,6 @@ def plot(workdir: str, runs: dict[str, str]) -> str:
 
 
 def main() -> None:
-  cpu_malloc.reexec()
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--workdir", default="/tmp/routing_lm_demo")
   parser.add_argument("--steps", type=int, default=300)
@@ -66,12 +65,10 @@ def main() -> None:
   logging.basicConfig(level=logging.WARNING)
   from routing_lm.main import quiet_libraries
   quiet_libraries()
-  from configs import tiny
   from routing_lm import train
   results, runs = {}, {}
   for label, arg in (("dense", "sbase,1"), ("S-BASE", f"sbase,{args.experts}")):
-    config = tiny.get_config(arg)
-    config.train.num_steps = args.steps
+    config = config_lib.load(f"configs/tiny.py:{arg}", {"train.num_steps": args.steps})
     runs[label] = os.path.join(args.workdir, label.lower().replace("-", ""))
     print(f"== training {label} ({arg}) in {runs[label]}")
     results[label] = train.train(config, runs[label])

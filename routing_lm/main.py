@@ -7,26 +7,31 @@
 
 Running `train` again with the same workdir resumes from its latest checkpoint.
 The console script `routing-lm` is the same program.
+
+`--config=<file>[:<arg>]` is read by `routing_lm.config.load` (a `configs/...` path is
+found in the working directory or, failing that, in the installed package); every
+`--config.<field>=<value>` then overrides one field, type-checked by ml_collections.
 """
 from __future__ import annotations
 
 import json
 import logging
 import sys
+from typing import Sequence
 
 from absl import app, flags
+import ml_collections
 from ml_collections import config_flags
 
-from routing_lm import cpu_malloc
+from routing_lm import config as config_lib
 
 FLAGS = flags.DEFINE_string("workdir", None, "Directory (or gs:// path) for checkpoints, "
                             "TensorBoard logs, metrics.jsonl and summary.json.")
 MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"], "train (resumes if the workdir "
                          "has a checkpoint) or eval (the latest checkpoint on validation).")
-CONFIG = config_flags.DEFINE_config_file("config", None, "A config file, e.g. "
-                                         "configs/tiny.py or configs/paper.py:130m,sbase,64.",
-                                         lock_config=True)
-flags.mark_flags_as_required(["config", "workdir"])
+CONFIG_HELP = ("A config file and its argument, e.g. configs/tiny.py or "
+               "configs/paper.py:130m,sbase,64; --config.<field>=<value> overrides a field.")
+flags.mark_flags_as_required(["workdir"])
 
 
 DISTRIBUTED = flags.DEFINE_enum(
@@ -60,25 +65,57 @@ def main(argv: list[str]) -> None:
   initialize_distributed(DISTRIBUTED.value)
   from routing_lm import train
   from routing_lm.checkpoint import CheckpointError
-  from routing_lm.config import ConfigError
   from routing_lm.data import DataError
+  config = flags.FLAGS.config
   try:
     if MODE.value == "train":
-      result = train.train(CONFIG.value, FLAGS.value)
+      result = train.train(config, FLAGS.value)
       result = {k: v for k, v in result.items() if k != "config"}
     else:
-      result = train.evaluate_checkpoint(CONFIG.value, FLAGS.value)
-  except (ConfigError, DataError, CheckpointError) as e:
+      result = train.evaluate_checkpoint(config, FLAGS.value)
+  except (config_lib.ConfigError, DataError, CheckpointError) as e:
     sys.exit(f"error: {e}")
   import jax
   if jax.process_index() == 0:
     print(json.dumps(result, indent=2))
 
 
-def run() -> None:
-  """Entry point of the `routing-lm` console script."""
-  cpu_malloc.reexec()
-  app.run(main)
+def pop_config_spec(argv: Sequence[str]) -> tuple[str | None, list[str]]:
+  """Finds `--config=<spec>` (or `--config <spec>`) in argv; returns it and the rest."""
+  rest, spec, args = [], None, list(argv)
+  while args:
+    a = args.pop(0)
+    if a in ("--config", "-config") and args:
+      spec = args.pop(0)
+    elif a.startswith(("--config=", "-config=")):
+      spec = a.split("=", 1)[1]
+    else:
+      rest.append(a)
+  return spec, rest
+
+
+def define_config_flag(argv: Sequence[str],
+                       flag_values: flags.FlagValues = flags.FLAGS) -> list[str]:
+  """Loads `--config=<file>[:<arg>]` with `config.load` and defines the `config` flag on
+  `flag_values`, so that parsing the returned argv (argv without `--config=...`) applies
+  every `--config.<field>=<value>` override, type-checked by ml_collections."""
+  spec, rest = pop_config_spec(argv)
+  if spec is None and not any(a in ("--help", "-h", "--helpfull") for a in rest):
+    raise config_lib.ConfigError("--config is required, e.g. --config=configs/tiny.py or "
+                                 "--config=configs/paper.py:130m,sbase,64")
+  config = config_lib.load(spec) if spec else ml_collections.ConfigDict()
+  config_flags.DEFINE_config_dict("config", config, CONFIG_HELP, flag_values=flag_values,
+                                  sys_argv=rest)
+  return rest
+
+
+def run(argv: Sequence[str] | None = None) -> None:
+  """Entry point of `python -m routing_lm.main` and the `routing-lm` console script."""
+  try:
+    argv = define_config_flag(list(sys.argv if argv is None else argv))
+  except config_lib.ConfigError as e:
+    sys.exit(f"error: {e}")
+  app.run(main, argv=argv)
 
 
 if __name__ == "__main__":

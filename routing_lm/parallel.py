@@ -14,7 +14,8 @@ import jax
 import ml_collections
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from routing_lm.config import ConfigError
+from routing_lm.errors import ConfigError
+from routing_lm.expert_dims import expert_dims
 
 MESH_AXES = ("data", "expert", "model")
 
@@ -113,8 +114,8 @@ def validate_mesh(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) ->
   """Checks that the model and batch split evenly over the mesh; errors say how to fix."""
   r, m = config.model.routing, config.model
   groups = mesh.shape["data"] * mesh.shape["expert"]
-  experts = r.num_experts * r.granularity
-  if r.num_experts > 1 and experts % mesh.shape["expert"]:
+  dims = expert_dims(r.num_experts, r.top_k, r.granularity, m.d_ff)
+  if r.num_experts > 1 and dims.num_experts % mesh.shape["expert"]:
     raise ConfigError(f"config.model.routing.num_experts={r.num_experts} (x granularity "
                       f"{r.granularity}) is not divisible by mesh.expert={mesh.shape['expert']}; "
                       "choose an expert count that is a multiple of the expert axis.")
@@ -124,7 +125,7 @@ def validate_mesh(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) ->
   if r.num_experts > 1 and r.num_groups % groups:
     raise ConfigError(f"config.model.routing.num_groups={r.num_groups} must be a multiple of "
                       f"mesh.data x mesh.expert = {groups} (token groups follow the devices).")
-  for field, size in (("num_heads", m.num_heads), ("d_ff", m.d_ff // r.granularity),
+  for field, size in (("num_heads", m.num_heads), ("d_ff", dims.d_expert),
                       ("vocab_size", m.vocab_size)):
     if size % mesh.shape["model"]:
       raise ConfigError(f"config.model.{field}={getattr(m, field)} does not split over "

@@ -42,8 +42,6 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
-import difflib
-import importlib.util
 import json
 import os
 import pathlib
@@ -56,9 +54,8 @@ from typing import Any, Sequence
 
 import ml_collections
 
+from routing_lm import config as config_lib
 from routing_lm.config import ConfigError
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 # The contract with routing_lm/scaling (and finegrained_spec.md section 5).
 RESULT_COLUMNS = (
@@ -110,67 +107,6 @@ def log(message: str) -> None:
   print(f"[sweep] {message}", file=sys.stderr, flush=True)
 
 
-# ---------------------------------------------------------------- config files
-def _resolve(path: str) -> pathlib.Path:
-  p = pathlib.Path(os.path.expanduser(path))
-  if p.is_absolute() or p.exists():
-    return p
-  return ROOT / p   # configs/... relative to the checkout, wherever we run from
-
-
-def _import_file(path: str, what: str) -> Any:
-  file = _resolve(path)
-  if not file.is_file():
-    raise SweepError(f"{what} {path!r} does not exist (looked in {os.getcwd()} and {ROOT}).")
-  if str(ROOT) not in sys.path:   # config files import `configs.base`
-    sys.path.insert(0, str(ROOT))
-  name = "_routing_lm_" + "".join(ch if ch.isalnum() else "_" for ch in str(file))
-  spec = importlib.util.spec_from_file_location(name, file)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-def split_spec(spec: str) -> tuple[str, str | None]:
-  """'configs/paper.py:130m,sbase,64' -> ('configs/paper.py', '130m,sbase,64')."""
-  path, sep, arg = spec.partition(".py:")
-  return (path + ".py", arg) if sep else (spec, None)
-
-
-def load_config(spec: str) -> ml_collections.ConfigDict:
-  """A config file spec as `--config=` takes it (`file.py[:arg]`), locked like main's."""
-  path, arg = split_spec(spec)
-  module = _import_file(path, "config file")
-  if not hasattr(module, "get_config"):
-    raise SweepError(f"config file {path!r} defines no get_config().")
-  config = module.get_config() if arg is None else module.get_config(arg)
-  config.lock()
-  return config
-
-
-def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, Any],
-                    where: str) -> None:
-  """Flattened overrides, type-checked; a missing field or a bad type is a ConfigError."""
-  for key, value in overrides.items():
-    node, parts = config, key.split(".")
-    for depth, part in enumerate(parts):
-      if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-        parent = ".".join(parts[:depth]) or "<root>"
-        fields = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
-        close = difflib.get_close_matches(part, fields, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ConfigError(f"{where}: config.{key} does not exist: config.{parent} has no "
-                          f"field {part!r}.{hint} Fields there: {', '.join(fields)}.")
-      if depth < len(parts) - 1:
-        node = node[part]
-    try:
-      config.update_from_flattened_dict({key: value})
-    except (TypeError, ValueError) as e:
-      current = node[parts[-1]]
-      raise ConfigError(f"{where}: config.{key}={value!r} has the wrong type: the field "
-                        f"holds {type(current).__name__} ({current!r}).") from e
-
-
 # ---------------------------------------------------------------- sweep files
 def _check_overrides(value: Any, where: str) -> dict[str, Any]:
   if value is None:
@@ -193,7 +129,7 @@ def _check_tokens(value: Any, where: str) -> int | None:
 def load_sweep(path: str) -> Sweep:
   """Reads a sweep file and builds every point's config; `check_points` validates them
   (a point whose config could not be built carries the reason in `error`)."""
-  module = _import_file(path, "sweep file")
+  module = config_lib.load_module(path)
   if not hasattr(module, "get_sweep"):
     raise SweepError(f"sweep file {path!r} defines no get_sweep().")
   spec = module.get_sweep()
@@ -251,8 +187,7 @@ def load_sweep(path: str) -> Sweep:
 
 
 def _build_config(point: Point, tokens: int | None) -> ml_collections.ConfigDict:
-  config = load_config(point.config_spec)
-  apply_overrides(config, point.overrides, f"--config={point.config_spec}")
+  config = config_lib.load(point.config_spec, point.overrides)
   if tokens is not None:
     per_step = int(config.data.batch_size) * int(config.data.seq_len)
     steps = max(1, round(tokens / per_step))

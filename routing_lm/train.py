@@ -23,6 +23,7 @@ import optax
 from flax import nnx
 
 from routing_lm import checkpoint, config as config_lib, parallel
+from routing_lm.routers import reinforce_surrogate
 from routing_lm.metrics import MetricWriter, Progress
 from routing_lm.model import counting
 from routing_lm.model.transformer import Transformer, routed_layer_indices
@@ -54,14 +55,14 @@ def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
   return optax.softmax_cross_entropy_with_integer_labels(logits, targets)
 
 
-def compute_loss(model: Transformer, batch: Batch, rng: jax.Array, train: bool,
-                 reinforce_coef: float = 1.0) -> tuple[jax.Array, dict[str, Any]]:
+def compute_loss(model: Transformer, batch: Batch, rng: jax.Array,
+                 train: bool) -> tuple[jax.Array, dict[str, Any]]:
   """The one place that builds the differentiated scalar.
 
   loss = mean NLL + sum of routers' (already weighted) aux losses
-         + reinforce_coef * REINFORCE surrogate of each policy router (RL-R)
+         + policy_gradient_coef * REINFORCE surrogate of each layer whose router
+           returns log-probabilities (RL-R; `routers.base.Router.policy_gradient_coef`)
   """
-  from routing_lm.routers import reinforce_surrogate
   logits, layers = model(batch["inputs"], segment_ids=batch["segment_ids"],
                          positions=batch["positions"], train=train, rng=rng)
   w = batch["weights"]
@@ -80,7 +81,7 @@ def compute_loss(model: Transformer, batch: Batch, rng: jax.Array, train: bool,
       surrogate = reinforce_surrogate(jnp.where(keep[:, None], lp, 0.0),
                                       jnp.where(keep, -nll.reshape(-1), 0.0))
       aux_terms["reinforce"] = aux_terms.get("reinforce", 0.0) + surrogate
-      aux_total += reinforce_coef * surrogate
+      aux_total += layer["policy_gradient_coef"] * surrogate
   out = {"nll": nll_mean, "nll_sum": jnp.sum(nll * w), "tokens": jnp.sum(w),
          "aux": aux_terms, "layers": [layer["metrics"] for layer in layers]}
   return nll_mean + aux_total, out
@@ -166,14 +167,13 @@ def make_train_step(s: Setup) -> Callable[[dict[str, Any], Batch], tuple[dict[st
   """The jitted step: state, batch -> new state, metrics (state buffers are donated)."""
   t = s.config.train
   schedule = make_schedule(t)
-  coef = float(s.config.model.routing.rlr.reinforce_coef)
 
   def step_fn(state, batch):
     rng = step_rng(t.seed, state["step"])
 
     def loss_fn(params):
       model = nnx.merge(s.graphdef, params, state["other"])
-      return compute_loss(model, batch, rng, train=True, reinforce_coef=coef)
+      return compute_loss(model, batch, rng, train=True)
 
     (loss, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
     updates, opt = s.tx.update(grads, state["opt"], state["params"])

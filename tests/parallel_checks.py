@@ -30,18 +30,16 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-  sys.path.insert(0, REPO)
-
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from configs import tiny  # noqa: E402
+from routing_lm.config import load_module  # noqa: E402
 from routing_lm import parallel, train  # noqa: E402
 from routing_lm.config import ConfigError  # noqa: E402
+
+tiny = load_module("configs/tiny.py")
 
 MESHES = ((8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 8, 1))
 ROUTERS = ("sbase", "hash", "rlr", "topk")
@@ -102,12 +100,9 @@ def host_params(s) -> tuple[dict, dict]:
 
 def loss_and_grads(s, params, other, batch, *, seed=3, train_mode=True):
   """train.compute_loss and its gradient, jitted with the setup's shardings."""
-  coef = float(s.config.model.routing.rlr.reinforce_coef)
-
   def f(p, o, b):
     model = nnx.merge(s.graphdef, p, o)
-    return train.compute_loss(model, b, jax.random.key(seed), train=train_mode,
-                              reinforce_coef=coef)
+    return train.compute_loss(model, b, jax.random.key(seed), train=train_mode)
 
   sh = s.state_shardings
   fn = jax.jit(jax.value_and_grad(f, has_aux=True),

@@ -9,10 +9,14 @@ is compared with the table's N minus that projection, within 2%.
 import jax
 import pytest
 
-from configs import base, paper, tiny
+from routing_lm.config import load_module
 from routing_lm import config as config_lib, parallel, sweep
 from routing_lm.config import ConfigError
 from routing_lm.model import counting
+
+base = load_module("configs/base.py")
+paper = load_module("configs/paper.py")
+tiny = load_module("configs/tiny.py")
 
 # paper_spec.md section 3: name -> (d_model, layers, heads, head size, d_ffw, N)
 SPEC = {
@@ -100,17 +104,24 @@ def test_default_arg():
   assert paper.get_config().model.routing.num_experts == 64
 
 
-def test_config_file_flag_passes_arg():
-  from ml_collections import config_flags
+@pytest.mark.parametrize("form", ["--config=configs/paper.py:25m,hash,16,k=2",
+                                  "--config configs/paper.py:25m,hash,16,k=2"])
+def test_config_file_flag_passes_arg(form):
+  """main's --config: loaded by config.load, then --config.<field> overrides (typed)."""
   from absl import flags
-  argv = ["prog", "--config=configs/paper.py:25m,hash,16,k=2",
-          "--config.model.routing.num_experts=32"]
+  from routing_lm import main
+  argv = ["prog", *form.split(" "), "--config.model.routing.num_experts=32",
+          "--config.train.learning_rate=1e-3"]
   fv = flags.FlagValues()
-  config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True,
-                                  sys_argv=argv)
-  fv(argv)
+  rest = main.define_config_flag(argv, fv)
+  assert rest == ["prog", "--config.model.routing.num_experts=32",
+                  "--config.train.learning_rate=1e-3"]
+  fv(rest)
   r = fv.config.model.routing
   assert (r.router, r.num_experts, r.top_k) == ("hash", 32, 2)
+  assert fv.config.train.learning_rate == 1e-3
+  with pytest.raises(ConfigError, match="does not exist"):
+    main.define_config_flag(["prog", "--config=configs/nope.py"], flags.FlagValues())
 
 
 @pytest.mark.parametrize("arg, names", [
@@ -120,8 +131,8 @@ def test_config_file_flag_passes_arg():
     ("130m,sbase,64,k=two", ["k='two'", "int"]),
     ("130m,sbase,sixty", ["'sixty'", "E"]),
     ("130m,dense,64", ["dense", "E=64"]),
-    ("130m,sbase,0", ["E=0"]),
-    ("130m,sbase,64,1", ["at most size, router, E"]),
+    ("130m,sbase,0", ["num_experts='0'", ">= 1"]),
+    ("130m,sbase,64,1", ["at most 3", "size, router, num_experts"]),
     ("130m,sbase,64,k=1,k=2", ["twice"]),
     ("130m,rlr,64,k=2", ["model.routing.top_k", "rlr"]),     # rejected by validate()
     ("130m,sbase,64,r=1.5", ["routing_frequency", "1.5"]),
@@ -138,11 +149,11 @@ def test_bad_grid_point_is_a_clear_error(arg, names):
 def test_unknown_field_override_is_refused():
   c = paper.get_config("130m,sbase,64")
   with pytest.raises(ConfigError, match=r"num_expert.*Did you mean 'num_experts'"):
-    sweep.apply_overrides(c, {"model.routing.num_expert": 8}, "test")
+    config_lib.apply_overrides(c, {"model.routing.num_expert": 8}, "test")
   with pytest.raises(ConfigError, match=r"config.model.foo.*no field 'foo'"):
-    sweep.apply_overrides(c, {"model.foo.bar": 1}, "test")
+    config_lib.apply_overrides(c, {"model.foo.bar": 1}, "test")
   with pytest.raises(ConfigError, match=r"config.model.d_model='wide'.*int"):
-    sweep.apply_overrides(c, {"model.d_model": "wide"}, "test")
+    config_lib.apply_overrides(c, {"model.d_model": "wide"}, "test")
 
 
 def test_mesh_invalid_grid_point_is_a_clear_error():

@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:   # configs/ is a folder at the repo root, not an installed package
-  sys.path.insert(0, REPO)
-from configs import base  # noqa: E402
 from routing_lm import data
+from routing_lm.config import load_module
 from routing_lm.data import corpus as corpus_lib
 from routing_lm.data import tokenizer as tokenizer_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+base = load_module("configs/base.py")
 
 WORDS = ("the model routes each token to one expert while a balanced router keeps "
          "every expert busy def return class import self value index layer sum "

@@ -13,11 +13,13 @@ import pytest
 from flax import nnx
 from jax.extend import core as jcore
 
-from configs import base
+from routing_lm.config import load_module
 from routing_lm import cpu_malloc
 from routing_lm.model import dispatch
 from routing_lm.model.routed_ffw import Experts, RoutedFFW
 from routing_lm.model.transformer import DenseFFW
+
+base = load_module("configs/base.py")
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 
@@ -375,10 +377,9 @@ def test_no_tokens_by_experts_by_capacity_intermediate(router):
   assert max(math.prod(s) for s in all_shapes(bad)) >= limit
 
 
-def test_expert_loop_equals_batched_matmul():
-  """Experts on one group with few slots (the CPU per-expert loop with its hand-written
-  backward), on one group with many slots and on several groups (the batched matmul)
-  agree in values and in every gradient."""
+def test_experts_one_group_equals_several_groups():
+  """Experts on one group (its unit leading dim dropped for the matmuls) and on several
+  groups agree in values and in every gradient."""
   with nnx.use_eager_sharding(False):
     ex = Experts(4, 8, 12, jnp.float32, rngs=nnx.Rngs(params=0))
   gd, params = nnx.split(ex)
@@ -388,34 +389,36 @@ def test_expert_loop_equals_batched_matmul():
     f = lambda p, x: jnp.sum(jnp.sin(nnx.merge(gd, p)(x)))
     return jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(params, x)
 
-  jaxpr = lambda x: str(jax.make_jaxpr(lambda p, x: nnx.merge(gd, p)(x))(params, x))
-  assert "custom_vjp" in jaxpr(x) and "custom_vjp" not in jaxpr(jnp.concatenate([x, x]))
-  many_slots = jnp.tile(x, (1, 1, 3, 1))                       # C = 15 >= d_expert = 12
-  assert "custom_vjp" not in jaxpr(many_slots)
-  np.testing.assert_allclose(run(many_slots)[1][1][0, :, :5], run(x)[1][1][0], rtol=1e-5,
-                             atol=1e-6)
-  loop = run(x)
-  grouped = run(jnp.concatenate([x, 2 * x]))      # batched path; group 0 is x itself
-  batched = jax.jit(jax.value_and_grad(
-      lambda p, x: jnp.sum(jnp.sin(nnx.merge(gd, p)._ffw(x))), argnums=(0, 1)))(params, x)
-  for a, b in zip(jax.tree.leaves(loop), jax.tree.leaves(batched)):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(grouped[1][1][0], loop[1][1][0], rtol=1e-5, atol=1e-6)
-  assert float(jnp.max(jnp.abs(loop[1][0]["wi"][...]))) > 0      # gradients not all zero
+  one = run(x)
+  grouped = run(jnp.concatenate([x, 2 * x]))      # group 0 is x itself
+  np.testing.assert_allclose(grouped[1][1][0], one[1][1][0], rtol=1e-5, atol=1e-6)
+  wi = np.asarray(params["wi"][...])
+  h = jax.nn.gelu(np.einsum("ecd,edf->ecf", x[0], wi), approximate=True)
+  expected = np.einsum("ecf,efd->ecd", h, np.asarray(params["wo"][...]))
+  np.testing.assert_allclose(nnx.merge(gd, params)(x)[0], expected, rtol=1e-5, atol=1e-5)
+  assert float(jnp.max(jnp.abs(one[1][0]["wi"][...]))) > 0      # gradients not all zero
 
 
-def test_expert_loop_only_under_glibcs_default_malloc(monkeypatch):
-  """The per-expert loop is chosen for few slots only while cpu_malloc's settings are
-  off (tests, notebooks, library calls); under them (every CLI) the batched matmul."""
+def test_model_program_ignores_the_host_environment(monkeypatch):
+  """The model runs one program whatever the environment: the routed FFW's jaxpr is the
+  same with and without the CPU malloc settings (routing_lm.cpu_malloc)."""
+  m = base.get_config().model
+  m.d_model, m.d_ff, m.routing.num_experts = 16, 32, 4
   with nnx.use_eager_sharding(False):
-    ex = Experts(4, 8, 12, jnp.float32, rngs=nnx.Rngs(params=0))
-  gd, params = nnx.split(ex)
-  x = jax.random.normal(jax.random.key(0), (1, 4, 5, 8))          # C = 5 < d_expert = 12
-  jaxpr = lambda: str(jax.make_jaxpr(lambda p, x: nnx.merge(gd, p)(x))(params, x))
-  monkeypatch.setattr(cpu_malloc, "active", lambda: False)
-  assert "custom_vjp" in jaxpr()
-  monkeypatch.setattr(cpu_malloc, "active", lambda: True)
-  assert "custom_vjp" not in jaxpr()
+    layer = RoutedFFW(m, rngs=nnx.Rngs(params=0))
+  gd, params, rest = nnx.split(layer, nnx.Param, ...)
+  x = jnp.ones((1, 8, 16))
+
+  def jaxpr():
+    f = lambda p, x: jnp.sum(nnx.merge(gd, p, rest)(x, jnp.zeros((1, 8), jnp.int32), train=True,
+                                                     rng=jax.random.key(0))[0])
+    return str(jax.make_jaxpr(jax.grad(f))(params, x))
+
+  monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+  plain = jaxpr()
+  monkeypatch.setenv("GLIBC_TUNABLES", ":".join(cpu_malloc.TUNABLES))
+  assert cpu_malloc.active()
+  assert jaxpr() == plain
 
 
 def test_gather_transposes_equal_autodiff():

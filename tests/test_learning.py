@@ -11,9 +11,11 @@ import optax
 import pytest
 from flax import nnx
 
-from configs import base
+from routing_lm.config import load_module
 from routing_lm import routers
 from routing_lm.model import build
+
+base = load_module("configs/base.py")
 
 STEPS = 100
 

@@ -6,9 +6,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs import base, tiny
+from routing_lm.config import load_module
 from routing_lm import config as config_lib
 from routing_lm.model import build, counting, routed_layer_indices
+
+base = load_module("configs/base.py")
+tiny = load_module("configs/tiny.py")
 
 
 def model_cfg(router="topk", num_experts=4, num_layers=2, routing_frequency=1.0, **kw):

@@ -5,6 +5,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -12,20 +13,26 @@ import scipy.optimize
 import scipy.special
 from flax import nnx
 
-from configs import base
+from routing_lm.config import load_module
 from routing_lm import routers
 from routing_lm.model import build as build_model
 from routing_lm.routers import hash as hash_router
 from routing_lm.routers import sbase
 
+base = load_module("configs/base.py")
+
 SB = base.get_config().model.routing.sbase          # temperature 0.1, 30 iters, 8 rounds
 
 
 def make_router(name, d, e, k=1, vocab=64, seed=0, **overrides):
-  cfg = base.get_config().model.routing[name].copy_and_resolve_references()
+  routing = base.get_config().model.routing
+  cfg = (routing[name].copy_and_resolve_references() if name in routing
+         else ml_collections.ConfigDict())
   cfg.update(overrides)
+  spec = routers.RouterSpec(d, e, k, vocab, cfg)
+  routers.get(name).check_config(spec)
   with nnx.use_eager_sharding(False):
-    return routers.get(name)(d, e, k, vocab, cfg, rngs=nnx.Rngs(params=seed))
+    return routers.get(name)(spec, rngs=nnx.Rngs(params=seed))
 
 
 def identity_router(name, e, k=1, **overrides):
@@ -392,13 +399,12 @@ def test_topk_balance_is_one_when_uniform_and_topk2():
       0.01 * e * float(np.sum(f * np.asarray(p.mean(0)))), rel=1e-6)
 
 
-@pytest.mark.parametrize("name", ["sbase", "hash", "rlr", "topk", "uniform"])
+@pytest.mark.parametrize("name", sorted(routers.REGISTRY))
 def test_metrics_every_router(name):
   t, d, e = 64, 8, 4
   x = jax.random.normal(jax.random.key(0), (t, d))
   tok = jnp.arange(t, dtype=jnp.int32)
-  r = make_router(name, d, e, vocab=64) if name != "uniform" else routers.get(name)(
-      d, e, 1, 64, None, rngs=nnx.Rngs(params=0))
+  r = make_router(name, d, e, vocab=64)
   out = call(r, x, tok)
   load = np.asarray(out.metrics["load"])
   assert load.shape == (e,)

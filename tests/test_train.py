@@ -11,10 +11,12 @@ import jax
 import numpy as np
 import pytest
 
-from configs import tiny
+from routing_lm.config import load_module
 from routing_lm import train
 from routing_lm.checkpoint import CheckpointError
 from routing_lm.metrics import read_jsonl
+
+tiny = load_module("configs/tiny.py")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -29,10 +29,9 @@ normalised by the dense FFW's, next to the raw routed / dense ratio. The last co
 time / (FLOPs / peak + bytes / bandwidth), is the same with no overlap of compute and
 weight traffic (XLA:CPU runs one op at a time): at E = 512 the weights and their
 gradients are 3.2 GB per step. The dense FFW runs on x [T, d], its faster layout here;
-the time as the model calls it, [B, S, d], is printed too. Like every command of the
-package, the benchmark re-runs itself with malloc settings for XLA:CPU
-(`routing_lm/cpu_malloc.py`; its header says whether they are on): without them page
-faults dominate at E = 512.
+the time as the model calls it, [B, S, d], is printed too. Run it with the malloc
+settings for XLA:CPU (`export GLIBC_TUNABLES=$(python -m routing_lm.cpu_malloc)` first;
+the header says whether they are on): without them page faults dominate at E = 512.
 One routed layer is in memory at a time (as in training), and its timed runs are
 interleaved with the dense FFW's (each round times both once), so that load drifts on a
 shared machine hit both alike. `/dense` and routed_over_dense use the dense time of the
@@ -53,8 +52,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from configs import base
-from routing_lm import cpu_malloc
+from routing_lm import config as config_lib, cpu_malloc
 from routing_lm.bench import harness
 from routing_lm.model import dispatch
 from routing_lm.model.routed_ffw import RoutedFFW
@@ -91,7 +89,7 @@ def machine(runs: int) -> tuple[float, float]:
 
 
 def model_config(args: argparse.Namespace, router: str, num_experts: int, granularity: int):
-  m = base.get_config().model
+  m = config_lib.load("configs/base.py", lock=False).model
   m.d_model, m.d_ff, m.dtype, m.param_dtype = args.d_model, args.d_ff, "float32", "float32"
   r = m.routing
   r.router, r.num_experts, r.granularity, r.top_k = router, num_experts, granularity, 1
@@ -184,7 +182,6 @@ def breakdown(args, m, x) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-  cpu_malloc.reexec()
   args = _parse(argv)
   routers = args.routers.split(",")
   dev = jax.devices()[0]

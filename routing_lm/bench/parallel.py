@@ -3,8 +3,8 @@
     python -m routing_lm.bench.parallel [--steps 10] [--router sbase] [--experts 8]
                                         [--batch 16] [--meshes 8,1,1 2,4,1 2,2,2 1,8,1]
 
-Runs on 8 simulated CPU devices (it sets `--xla_force_host_platform_device_count=8`
-before importing jax), so the step times compare the programs XLA builds for each mesh
+Runs on 8 simulated CPU devices (`jax_num_cpu_devices`, set before the first
+computation), so the step times compare the programs XLA builds for each mesh
 (their collectives and per-device work) on 2-16 host cores, not real interconnects. For
 each mesh, with ZeRO-1 off and on: the compiled train step (`train.make_train_step`),
 warm-up steps (`bench.harness`), then the median of `--steps` timed steps (each ending
@@ -18,21 +18,14 @@ bytes with ZeRO-1 / without).
 """
 from __future__ import annotations
 
-import os
+import argparse
+import time
 
-if "--xla_force_host_platform_device_count=8" not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                             + " --xla_force_host_platform_device_count=8").strip()
+import jax
+import numpy as np
 
-import argparse  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-
-from routing_lm import cpu_malloc  # noqa: E402
-from routing_lm.bench import harness  # noqa: E402
+from routing_lm import config as config_lib, cpu_malloc
+from routing_lm.bench import harness
 
 DEFAULT_MESHES = ("8,1,1", "2,4,1", "2,2,2", "1,8,1")
 
@@ -75,7 +68,6 @@ def measure(config, mesh_shape: tuple[int, int, int], zero1: bool, steps: int,
 
 
 def main() -> None:
-  cpu_malloc.reexec()
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--steps", type=int, default=10)
   parser.add_argument("--router", default="sbase")
@@ -83,19 +75,16 @@ def main() -> None:
   parser.add_argument("--batch", type=int, default=16, help="global batch (sequences)")
   parser.add_argument("--meshes", nargs="+", default=list(DEFAULT_MESHES))
   args = parser.parse_args()
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(
-      os.path.abspath(__file__)))))          # configs/ lives at the repo root
-  from configs import tiny
-
-  config = tiny.get_config(f"{args.router},{args.experts}")
-  config.data.batch_size = args.batch
+  jax.config.update("jax_num_cpu_devices", 8)     # before the first computation
+  config = config_lib.load(f"configs/tiny.py:{args.router},{args.experts}",
+                           {"data.batch_size": args.batch})
   meshes = [tuple(int(x) for x in m.split(",")) for m in args.meshes]
   groups = max(m[0] * m[1] for m in meshes)
   mib = lambda b: b / 2 ** 20
   print(f"tiny {args.router} E={args.experts}: d_model {config.model.d_model}, "
         f"{config.model.num_layers} layers, batch {args.batch} x {config.data.seq_len}, "
         f"{config.model.dtype}; {jax.device_count()} {jax.devices()[0].platform} devices; "
-        f"median of {args.steps} steps")
+        f"median of {args.steps} steps; XLA:CPU malloc settings {cpu_malloc.status()}")
   header = (f"{'mesh (d,e,m)':<13}{'zero1':>6}{'groups':>7}{'step ms':>9}{'compile s':>10}"
             f"{'a2a':>5}{'params MiB':>11}{'opt MiB':>9}{'p+opt MiB':>10}{'temp MiB':>9}"
             f"{'loss':>8}")

@@ -15,23 +15,21 @@ import argparse
 
 import jax
 
-from routing_lm import cpu_malloc
+from routing_lm import config as config_lib, cpu_malloc
 from routing_lm.bench import harness
 
 
 def main() -> None:
-  cpu_malloc.reexec()
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--steps", type=int, default=20)
   parser.add_argument("--router", default="sbase")
   parser.add_argument("--experts", type=int, default=8)
   args = parser.parse_args()
-  from configs import tiny
   from routing_lm import train
   from routing_lm.model import counting
 
   peak = harness.peak_matmul_flops()
-  config = tiny.get_config(f"{args.router},{args.experts}")
+  config = config_lib.load(f"configs/tiny.py:{args.router},{args.experts}")
   s = train.setup(config)
   c = s.config
   b, t = c.data.batch_size, c.data.seq_len
@@ -50,6 +48,7 @@ def main() -> None:
   util = model_flops / step_time / peak
   rows = [("config", f"tiny {args.router} E={args.experts}, batch {b} x {t}, {c.model.dtype}, "
                      f"{jax.device_count()} {jax.devices()[0].platform} device(s)"),
+          ("XLA:CPU malloc settings (routing_lm.cpu_malloc)", cpu_malloc.status()),
           ("peak matmul FLOP/s (2048^3, best of 5)", f"{peak:.3e}"),
           ("median step time (s)", f"{step_time:.4f}"),
           ("tokens/s", f"{tokens_per_s:,.0f}"),

@@ -19,6 +19,7 @@ import dataclasses
 
 import ml_collections
 
+from routing_lm.expert_dims import expert_dims
 from routing_lm.model.transformer import head_dim, routed_layer_indices
 
 
@@ -42,11 +43,11 @@ def count(m: ml_collections.ConfigDict, seq_len: int) -> Counts:
   """Counts for the model config `m` at sequence length `seq_len`."""
   r = m.routing
   d, f, layers = m.d_model, m.d_ff, m.num_layers
-  e, k, g = r.num_experts, r.top_k, r.granularity
+  e, k = r.num_experts, r.top_k
   n_routed = len(routed_layer_indices(layers, r.routing_frequency, e))
   ffw = 2 * d * f
   n = layers * (4 * d * m.num_heads * head_dim(m) + ffw)
-  router = n_routed * e * g * d
+  router = n_routed * expert_dims(e, k, r.granularity, f).num_experts * d
   experts_extra = n_routed * (e - 1) * ffw
   active = n + n_routed * (k - 1) * ffw
   return Counts(

@@ -16,7 +16,8 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from routing_lm import cpu_malloc, parallel, routers
+from routing_lm import parallel, routers
+from routing_lm.expert_dims import expert_dims
 from routing_lm.model import dispatch
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -24,38 +25,6 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 
 def gelu(x: jax.Array) -> jax.Array:
   return jax.nn.gelu(x, approximate=True)
-
-
-@jax.custom_vjp
-def expert_loop(x: jax.Array, wi: jax.Array, wo: jax.Array) -> jax.Array:
-  """x [E, C, d], wi [E, d, f], wo [E, f, d] -> [E, C, d], one expert at a time.
-
-  The CPU path of `Experts`. Its hand-written backward is one loop over experts that
-  reads each expert's weights once and writes its gradients once; autodiff of a loop
-  (or of the batched einsum) moves the [E, ...] weight and gradient arrays several times.
-  """
-  return _expert_loop_fwd(x, wi, wo)[0]
-
-
-def _expert_loop_fwd(x, wi, wo):
-  def one(a):
-    x, wi, wo = a
-    pre = x @ wi                                                   # [C, f]
-    return gelu(pre) @ wo, pre
-  y, pre = jax.lax.map(one, (x, wi, wo))
-  return y, (x, wi, wo, pre)
-
-
-def _expert_loop_bwd(res, g):
-  def one(a):
-    x, wi, wo, pre, g = a
-    h, gelu_vjp = jax.vjp(gelu, pre)
-    (dpre,) = gelu_vjp(g @ wo.T)
-    return dpre @ wi.T, x.T @ dpre, h.T @ g                         # dx, dwi, dwo
-  return jax.lax.map(one, (*res, g))
-
-
-expert_loop.defvjp(_expert_loop_fwd, _expert_loop_bwd)
 
 
 class Experts(nnx.Module):
@@ -73,25 +42,12 @@ class Experts(nnx.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     """x [..., E, C, d] -> [..., E, C, d]: one batched matmul per projection.
 
-    One exception, on the CPU backend with one group (no mesh; leading dims of size 1),
-    fewer slots per expert than the expert is wide (C < d_expert) and glibc's default
-    malloc (`cpu_malloc` not active: tests, notebooks, library calls): `expert_loop`.
-    There the batched backward's large temporaries are page-faulted in afresh every
-    step, and the loop is 1.2x faster at E = 64 and 512 (d_ff 1024, 32,768 tokens).
-    Under `cpu_malloc`'s settings (every CLI) the batched matmul is faster: 1.04x at
-    E = 64, 1.3x at E = 512 (2-core VM, experts alone, forward+backward).
+    Leading dims that are all 1 (one routing group) are dropped for the matmuls: the
+    same computation, and XLA:CPU runs `ecd,edf` 2x faster than `gecd,edf` with g = 1.
     """
     lead = x.shape[:-3]
-    if (lead and math.prod(lead) == 1 and jax.default_backend() == "cpu"
-        and parallel.active_mesh() is None):
-      x3 = x.reshape(x.shape[-3:])       # a unit batch dim makes XLA:CPU's dots 2x slower
-      if x3.shape[1] < self.wi.shape[-1] and not cpu_malloc.active():
-        wi, wo = self.wi[...].astype(x.dtype), self.wo[...].astype(x.dtype)
-        return expert_loop(x3, wi, wo).reshape(x.shape)
-      return self._ffw(x3).reshape(x.shape)
-    return self._ffw(x)
-
-  def _ffw(self, x: jax.Array) -> jax.Array:
+    if lead and math.prod(lead) == 1:
+      return self(x.reshape(x.shape[-3:])).reshape(x.shape)
     h = gelu(jnp.einsum("...ecd,edf->...ecf", x, self.wi[...].astype(x.dtype)))
     return jnp.einsum("...ecf,efd->...ecd", h, self.wo[...].astype(x.dtype))
 
@@ -107,24 +63,21 @@ class RoutedFFW(nnx.Module):
 
   def __init__(self, m: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
     r = m.routing
-    g = r.granularity
-    self.num_experts = r.num_experts * g
-    self.top_k = r.top_k * g
+    spec = routers.RouterSpec.from_model_config(m)
+    self.num_experts, self.top_k = spec.num_experts, spec.top_k
     self.num_groups = r.num_groups
     self.capacity_factor = r.capacity_factor
     self.eval_capacity_factor = r.eval_capacity_factor
-    self.global_router = r.router == "sbase" and r.sbase.scope == "global"
-    router_cfg = r.get(r.router, ml_collections.ConfigDict())
-    self.router = routers.get(r.router)(m.d_model, self.num_experts, self.top_k, m.vocab_size,
-                                        router_cfg, rngs=rngs)
-    self.experts = Experts(self.num_experts, m.d_model, m.d_ff // g, DTYPES[m.param_dtype],
+    self.router = routers.get(r.router)(spec, rngs=rngs)
+    d_expert = expert_dims(r.num_experts, r.top_k, r.granularity, m.d_ff).d_expert
+    self.experts = Experts(self.num_experts, m.d_model, d_expert, DTYPES[m.param_dtype],
                            rngs=rngs)
     self.norm = nnx.LayerNorm(m.d_model, rngs=rngs) if r.output_norm else None
 
   def route(self, x: jax.Array, ids: jax.Array, train: bool, rng: jax.Array) -> routers.Routing:
     """x [G, T, d], ids [G, T] -> Routing with a leading group axis."""
     g, t, d = x.shape
-    if self.global_router:   # Sinkhorn over all tokens at once (sbase.scope = "global")
+    if self.router.global_scope:   # the router sees every token of the batch at once
       out = self.router(x.reshape(g * t, d), ids.reshape(-1), train=train, rng=rng)
       split = lambda a: a.reshape(g, t, *a.shape[1:])
       return out.replace(expert_ids=split(out.expert_ids), weights=split(out.weights),
@@ -135,7 +88,8 @@ class RoutedFFW(nnx.Module):
 
   def __call__(self, x: jax.Array, token_ids: jax.Array, *, train: bool,
                rng: jax.Array) -> tuple[jax.Array, dict[str, Any]]:
-    """x [B, S, d], token_ids [B, S] -> (y [B, S, d], {aux_losses, metrics, log_probs})."""
+    """x [B, S, d], token_ids [B, S] -> (y [B, S, d], {aux_losses, metrics, log_probs,
+    policy_gradient_coef}) (the last two from `routers.base.Router`)."""
     b, s, d = x.shape
     g = self.num_groups
     xg = parallel.constrain(x.reshape(g, b * s // g, d), ("group", None, "embed"))
@@ -161,4 +115,5 @@ class RoutedFFW(nnx.Module):
     metrics["dropped"] = dropped
     aux = {k: jnp.mean(v) for k, v in routing.aux_losses.items()}
     log_probs = None if routing.log_probs is None else routing.log_probs.reshape(b, s, -1)
-    return y.reshape(b, s, d), {"aux_losses": aux, "metrics": metrics, "log_probs": log_probs}
+    return y.reshape(b, s, d), {"aux_losses": aux, "metrics": metrics, "log_probs": log_probs,
+                                "policy_gradient_coef": self.router.policy_gradient_coef}

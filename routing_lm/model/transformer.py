@@ -33,6 +33,14 @@ def routed_layer_indices(num_layers: int, routing_frequency: float,
   return [i for i in range(num_layers) if int((i + 1) * r + 1e-9) > int(i * r + 1e-9)]
 
 
+# model.remat -> what the backward keeps of each block (jax.checkpoint policies).
+REMAT_POLICIES = {
+    "none": None,                                              # keep every activation
+    "full": jax.checkpoint_policies.nothing_saveable,          # keep only block inputs
+    "dots": jax.checkpoint_policies.checkpoint_dots,           # keep matmul outputs
+}
+
+
 def head_dim(m: ml_collections.ConfigDict) -> int:
   """`model.head_dim`, or d_model // num_heads when it is None."""
   return m.get("head_dim") or m.d_model // m.num_heads
@@ -141,6 +149,22 @@ class Transformer(nnx.Module):
                              out_sharding=("embed", "vocab"))
     self.remat = m.remat
 
+  def _block(self, block: Block, h, token_ids, segment_ids, positions, train, rng):
+    """One block, rematerialised in the backward pass per `model.remat`.
+
+    Remat wraps a pure function of the block's state (nnx.split / nnx.merge) in
+    `jax.checkpoint`, so it applies to every block alike, whatever variables it holds
+    (HASH's fixed table included).
+    """
+    policy = REMAT_POLICIES[self.remat]
+    if self.remat == "none":
+      return block(h, token_ids, segment_ids, positions, train, rng)
+    graphdef, state = nnx.split(block)
+
+    def pure(state, h, rng):
+      return nnx.merge(graphdef, state)(h, token_ids, segment_ids, positions, train, rng)
+    return jax.checkpoint(pure, policy=policy)(state, h, rng)
+
   def __call__(self, tokens: jax.Array, *, segment_ids: jax.Array | None = None,
                positions: jax.Array | None = None, train: bool = False,
                rng: jax.Array | None = None) -> tuple[jax.Array, list[dict[str, Any]]]:
@@ -155,9 +179,8 @@ class Transformer(nnx.Module):
     h = parallel.constrain(h, ("batch", "length", "embed"))
     aux = []
     for i, block in enumerate(self.blocks):
-      call = nnx.remat(type(block).__call__, static_argnums=(5,)) if self.remat else type(block).__call__
-      h, block_aux = call(block, h, tokens, segment_ids, positions, train,
-                          jax.random.fold_in(rng, i))
+      h, block_aux = self._block(block, h, tokens, segment_ids, positions, train,
+                                 jax.random.fold_in(rng, i))
       if block_aux is not None:
         aux.append(block_aux)
     h = self.final_norm(h)

@@ -12,10 +12,10 @@ No gate (weights 1), no router parameters, no auxiliary loss.
 from __future__ import annotations
 
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from flax import nnx
 
+from routing_lm.errors import require
 from routing_lm.routers import base
 
 
@@ -40,13 +40,22 @@ def make_table(vocab_size: int, num_experts: int, top_k: int, method: str,
 
 
 class HashRouter(base.Router):
-  """HASH: a fixed token-id -> expert table; no parameters, no gate."""
+  """HASH: a fixed token-id -> expert table; no parameters, no gate
+  (`model.routing.hash`: method 'balanced' or 'random', seed)."""
 
-  def __init__(self, d_model: int, num_experts: int, top_k: int, vocab_size: int,
-               cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
-    super().__init__(d_model, num_experts, top_k, vocab_size, cfg, rngs=rngs)
-    self.table = HashTable(jnp.asarray(
-        make_table(vocab_size, num_experts, top_k, cfg.method, int(cfg.seed))))
+  name = "hash"
+  defaults = {"method": "balanced", "seed": 42}
+
+  @classmethod
+  def check_config(cls, spec: base.RouterSpec) -> None:
+    super().check_config(spec)
+    require(spec.cfg.method in ("random", "balanced"), "model.routing.hash.method",
+            spec.cfg.method, "'random' or 'balanced'")
+
+  def __init__(self, spec: base.RouterSpec, *, rngs: nnx.Rngs):
+    super().__init__(spec, rngs=rngs)
+    self.table = HashTable(jnp.asarray(make_table(
+        spec.vocab_size, spec.num_experts, spec.top_k, spec.cfg.method, int(spec.cfg.seed))))
 
   def __call__(self, x, token_ids, *, train, rng):
     ids = self.table[...][token_ids]                                # [T, k]

@@ -16,36 +16,32 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 from flax import nnx
 
 from routing_lm.routers import base
 from routing_lm.routers.topk import balance_loss
 
 
-def reinforce_surrogate(log_probs: jax.Array, rewards: jax.Array) -> jax.Array:
-  """Policy-gradient surrogate for log_probs [T, 1] and rewards [T], leave-one-out baseline.
-
-  Its gradient is an unbiased estimate of -grad E[r]; its value is not meaningful.
-  """
-  r = jax.lax.stop_gradient(rewards.astype(jnp.float32))
-  n = r.shape[0]
-  baseline = (jnp.sum(r) - r) / jnp.maximum(n - 1, 1)
-  return -jnp.mean((r - baseline) * log_probs[:, 0])
-
-
 class RLRRouter(base.Router):
-  """RL-R: a softmax policy over experts, sampled in training, trained by REINFORCE."""
+  """RL-R: a softmax policy over experts, sampled in training, trained by REINFORCE.
 
+  Config (`model.routing.rlr`): entropy_coef, balance_coef, scale_output, reinforce_coef
+  (the weight of `base.reinforce_surrogate` in the loss: `policy_gradient_coef`).
+  """
+
+  name = "rlr"
+  defaults = {"entropy_coef": 0.01, "balance_coef": 0.01, "scale_output": True,
+              "reinforce_coef": 1.0}
   max_top_k = 1
 
-  def __init__(self, d_model: int, num_experts: int, top_k: int, vocab_size: int,
-               cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
-    super().__init__(d_model, num_experts, top_k, vocab_size, cfg, rngs=rngs)
-    self.w = base.router_weight(d_model, num_experts, rngs)
+  def __init__(self, spec: base.RouterSpec, *, rngs: nnx.Rngs):
+    super().__init__(spec, rngs=rngs)
+    cfg = spec.cfg
+    self.w = base.router_weight(spec.d_model, spec.num_experts, rngs)
     self.entropy_coef = float(cfg.entropy_coef)
     self.balance_coef = float(cfg.balance_coef)
     self.scale_output = bool(cfg.scale_output)
+    self.policy_gradient_coef = float(cfg.reinforce_coef)
 
   def __call__(self, x, token_ids, *, train, rng):
     logits = base.router_logits(jax.lax.stop_gradient(x), self.w)      # [T, E]

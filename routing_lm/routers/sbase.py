@@ -27,9 +27,9 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 from flax import nnx
 
+from routing_lm.errors import require
 from routing_lm.routers import base
 
 ABSORB_EVERY = 5   # Sinkhorn iterations between re-formings of the kernel (`sinkhorn`)
@@ -209,15 +209,38 @@ def balanced_assignment(scores: jax.Array, num_rounds: int) -> jax.Array:
 
 
 class SBaseRouter(base.Router):
-  """S-BASE: Sinkhorn-balanced top-k in training, plain top-k at evaluation."""
+  """S-BASE: Sinkhorn-balanced top-k in training, plain top-k at evaluation.
 
-  def __init__(self, d_model: int, num_experts: int, top_k: int, vocab_size: int,
-               cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
-    super().__init__(d_model, num_experts, top_k, vocab_size, cfg, rngs=rngs)
-    self.w = base.router_weight(d_model, num_experts, rngs)
+  Config (`model.routing.sbase`): sinkhorn_iters, temperature, balance_rounds (greedy and
+  swap rounds after Sinkhorn for k = 1; 0 = plain top-k of the balanced matrix, as
+  Megatron), scope ('group': Sinkhorn over each routing group; 'global': over every token
+  of the batch at once).
+  """
+
+  name = "sbase"
+  defaults = {"sinkhorn_iters": 30, "temperature": 0.1, "balance_rounds": 8, "scope": "group"}
+
+  @classmethod
+  def check_config(cls, spec: base.RouterSpec) -> None:
+    super().check_config(spec)
+    c = spec.cfg
+    require(isinstance(c.sinkhorn_iters, int) and c.sinkhorn_iters >= 1,
+            "model.routing.sbase.sinkhorn_iters", c.sinkhorn_iters, "an integer >= 1")
+    require(c.temperature > 0, "model.routing.sbase.temperature", c.temperature,
+            "a number > 0 (lower = closer to the exact balanced assignment)")
+    require(isinstance(c.balance_rounds, int) and c.balance_rounds >= 0,
+            "model.routing.sbase.balance_rounds", c.balance_rounds, "an integer >= 0")
+    require(c.scope in ("group", "global"), "model.routing.sbase.scope", c.scope,
+            "'group' (Sinkhorn over each token group) or 'global' (over all tokens)")
+
+  def __init__(self, spec: base.RouterSpec, *, rngs: nnx.Rngs):
+    super().__init__(spec, rngs=rngs)
+    cfg = spec.cfg
+    self.w = base.router_weight(spec.d_model, spec.num_experts, rngs)
     self.num_iters = int(cfg.sinkhorn_iters)
     self.temperature = float(cfg.temperature)
     self.balance_rounds = int(cfg.balance_rounds)
+    self.global_scope = cfg.scope == "global"
 
   def __call__(self, x, token_ids, *, train, rng):
     logits = base.router_logits(x, self.w)                          # [T, E]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 from flax import nnx
 
 from routing_lm.routers import base
@@ -27,14 +26,17 @@ def z_loss(logits: jax.Array) -> jax.Array:
 
 
 class TopKRouter(base.Router):
-  """Top-k softmax router with load-balancing and z losses."""
+  """Top-k softmax router with load-balancing and z losses
+  (`model.routing.topk`: balance_coef, z_loss_coef)."""
 
-  def __init__(self, d_model: int, num_experts: int, top_k: int, vocab_size: int,
-               cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
-    super().__init__(d_model, num_experts, top_k, vocab_size, cfg, rngs=rngs)
-    self.w = base.router_weight(d_model, num_experts, rngs)
-    self.balance_coef = float(cfg.balance_coef)
-    self.z_loss_coef = float(cfg.z_loss_coef)
+  name = "topk"
+  defaults = {"balance_coef": 0.01, "z_loss_coef": 0.001}
+
+  def __init__(self, spec: base.RouterSpec, *, rngs: nnx.Rngs):
+    super().__init__(spec, rngs=rngs)
+    self.w = base.router_weight(spec.d_model, spec.num_experts, rngs)
+    self.balance_coef = float(spec.cfg.balance_coef)
+    self.z_loss_coef = float(spec.cfg.z_loss_coef)
 
   def __call__(self, x, token_ids, *, train, rng):
     logits = base.router_logits(x, self.w)

@@ -9,6 +9,8 @@ from routing_lm.routers import base
 class UniformRouter(base.Router):
   """Uniform: token t takes experts (t*k + j) mod E; perfectly balanced, weights 1."""
 
+  name = "uniform"
+
   def __call__(self, x, token_ids, *, train, rng):
     t = x.shape[0]
     ids = (jnp.arange(t)[:, None] * self.top_k + jnp.arange(self.top_k)[None, :])

@@ -15,6 +15,8 @@ import dataclasses
 import numpy as np
 from numpy.typing import ArrayLike
 
+from routing_lm.expert_dims import check_granularity  # noqa: F401  (part of this API)
+
 
 # ---------------------------------------------------------------------------------------
 # Coefficient sets.
@@ -223,6 +225,7 @@ def train_flops_per_token(d_model: ArrayLike, n_blocks: ArrayLike, num_experts: 
   A dense model (E = G = 1) has no router, so its router term is zero: F / D = 6 N.
   """
   d = np.asarray(d_model, dtype=float)
+  # E*G routed experts (routing_lm.expert_dims), elementwise over arrays of runs.
   experts = np.asarray(num_experts, dtype=float) * np.asarray(granularity, dtype=float)
   router = np.where(experts > 1, C_R * d * experts * np.asarray(n_blocks), 0.0)
   return C_F * active_params(d, n_blocks) + router
@@ -232,13 +235,3 @@ def train_flops(d_model: ArrayLike, n_blocks: ArrayLike, num_experts: ArrayLike,
                 granularity: ArrayLike, tokens: ArrayLike) -> np.ndarray:
   """Eq. 10 (finegrained_spec.md section 1): F = (12 d^2 c_f + d E G c_r) D n_blocks."""
   return train_flops_per_token(d_model, n_blocks, num_experts, granularity) * np.asarray(tokens)
-
-
-def check_granularity(d_ff: int, granularity: int, field: str = "granularity") -> None:
-  """Raise a ValueError unless G >= 1 is an integer dividing d_ff (finegrained_spec.md 1)."""
-  if granularity < 1 or int(granularity) != granularity:
-    raise ValueError(f"{field} must be an integer >= 1 (G = 1 is a standard MoE); "
-                     f"got {granularity!r}.")
-  if d_ff % granularity:
-    raise ValueError(f"d_ff={d_ff} is not divisible by {field}={granularity}: each expert "
-                     f"is d_ff/G wide; pick G among the divisors of d_ff.")
