@@ -8,6 +8,11 @@
 (paper_spec.md 2.3): the dense rows (num_experts == 1) join every router's fit.
 --law=granular fits Krajewski et al.'s Eq. 9 per (router, num_experts) on the routed rows
 and, with enough dense rows, the dense law sharing c (finegrained_spec.md section 2).
+
+Besides the coefficients it prints, for each fit: bootstrap intervals (--n_bootstrap
+refits, default 1000), the prediction error of refits that did not see the largest size
+(and, for the routed law, each E > 1 in turn), and for the routed law the AIC of Eq. 1
+against simpler forms (no saturation; dense power laws). All of it is in fits.json.
 """
 from __future__ import annotations
 
@@ -32,7 +37,9 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
   p.add_argument("--law", choices=("routed", "granular"), default="routed")
   p.add_argument("--router", default="", help="comma-separated routers (default: all)")
   p.add_argument("--loss_column", default="val_loss")
-  p.add_argument("--n_bootstrap", type=int, default=100)
+  p.add_argument("--n_bootstrap", type=int, default=scaling.N_BOOTSTRAP,
+                 help="bootstrap refits on 80%% subsets for the 10-90%% intervals "
+                      "(0: none; 10-20 ms per routed refit of 40 runs on 2 cores)")
   p.add_argument("--huber_delta", type=float, default=None,
                  help="routed: Huber delta in log10 loss (default: plain least squares); "
                       "granular: default 0.1 (the paper's)")
@@ -52,10 +59,58 @@ def _heldout(fit: scaling.FitStats) -> str:
   return "-" if fit.heldout_rmse is None else f"{fit.heldout_rmse:.4f}"
 
 
+def _bootstrap_title(n_bootstrap: int) -> str:
+  if n_bootstrap <= 0:
+    return "\nBootstrap: off (--n_bootstrap=0), no intervals."
+  return f"\nBootstrap {n_bootstrap} x 80% of the runs, 10-90% intervals:"
+
+
+def leave_out_table(fits: dict[str, scaling.FitStats], first: str, log: str) -> str:
+  """The prediction errors of refits on rows they did not see: largest size, each E out."""
+  experts = sorted({e for f in fits.values() for e in f.e_out})
+  header = [first, "largest size out", "rows", "RMSE", "|rel err|",
+            *[f"E={e:g} out" for e in experts]] + (["RMS over E"] if experts else [])
+  rows = []
+  for name, f in fits.items():
+    h = f.largest_out
+    row = [name, "-", "-", "-", "-"] if h is None else [
+        name, h.left_out.split("=")[1], h.n_points, f"{h.rmse:.4f}", f"{h.mean_abs_rel:.2%}"]
+    row += [f"{f.e_out[e].rmse:.4f}" if e in f.e_out else "-" for e in experts]
+    if experts:
+      row.append("-" if f.e_out_rms is None else f"{f.e_out_rms:.4f}")
+    rows.append(row)
+  return (f"\nPrediction error of refits on the runs they did not see (RMSE in {log} loss; "
+          f"|rel err| = mean |L_pred / L - 1|; '-': too few runs left to refit):\n"
+          + plots.format_table(header, rows))
+
+
+def aic_table(fits: dict[str, scaling.FitStats]) -> str:
+  """Per router: each form's K, RSS, AIC, AICc and ΔAICc; the lowest AICc is preferred."""
+  header = ["router", "form", "coeffs", "n", "RSS", "AIC", "AICc", "dAICc", "preferred"]
+  rows = []
+  for name, f in fits.items():
+    if not f.forms:
+      rows.append([name, "-", "-", f.n_points, "-", "-", "-", "-", "too few runs"])
+      continue
+    best = f.forms[f.preferred_form].aicc
+    for form in f.forms.values():
+      rows.append([name, form.name, form.n_coefficients, form.n_points, f"{form.rss:.3e}",
+                   f"{form.aic:.2f}", f"{form.aicc:.2f}", f"{form.aicc - best:.2f}",
+                   "<-" if form.name == f.preferred_form
+                   else "tie" if form.aicc - best < 2 else ""])
+  return ("\nForms: saturating = Eq. 1; no_saturation = Eq. 1 with Ê = E; dense = a log N + d, "
+          "E ignored; dense_per_e = a_E log N + d_E for each E.\n"
+          "AIC of Eq. 1 against simpler forms (Gaussian: AIC = n ln(RSS/n) + 2K, K = coeffs "
+          "+ 1 for the noise; AICc = AIC + 2K(K+1)/(n-K-1); lowest AICc preferred, dAICc < 2 "
+          "is a tie):\n" + plots.format_table(header, rows))
+
+
 def fit_routed_table(df: pd.DataFrame, args: argparse.Namespace, out: pathlib.Path) -> dict:
   """Fit the dense law and each router's routed law; print, plot, return fits.json."""
   scaling.validate_table(df, ["router", "n_params", "num_experts", args.loss_column],
-                         at_least_one=["num_experts"], who="routing_lm.fit")
+                         positive=["n_params", args.loss_column],
+                         at_least_one=["num_experts"], who="routing_lm.fit",
+                         source=args.results)
   dense = df[df["num_experts"] == 1]
   routed = df[df["num_experts"] > 1]
   routers = _select_routers(routed, args.router)
@@ -81,8 +136,11 @@ def fit_routed_table(df: pd.DataFrame, args: argparse.Namespace, out: pathlib.Pa
   if dense_fit is not None:
     print(f"Kaplan form of the dense fit: alpha_N = {dense_fit.alpha_n:.4f}, "
           f"N_c = {dense_fit.n_c:.4g}")
+  held = ({"dense": dense_fit} if dense_fit is not None else {}) | fits
+  print(leave_out_table(held, "router", "log10"))
+  print(aic_table(fits))
+  print(_bootstrap_title(args.n_bootstrap))
   if args.n_bootstrap > 0:
-    print(f"\nBootstrap {args.n_bootstrap} x 80% of the runs, 10-90% intervals:")
     print(plots.format_table(["router", "a", "b", "c", "d", "E_start", "E_max"],
                              [_intervals(r, f) for r, f in fits.items()]))
 
@@ -94,7 +152,7 @@ def fit_routed_table(df: pd.DataFrame, args: argparse.Namespace, out: pathlib.Pa
       plots.plot_iso_loss(f, out / f"{r}_iso_loss.png", df=rows_r)
       plots.plot_effective_params(rows_r, f, out / f"{r}_effective_params.png",
                                   args.loss_column)
-  return {"law": "routed", "loss_column": args.loss_column,
+  return {"law": "routed", "loss_column": args.loss_column, "n_bootstrap": args.n_bootstrap,
           "dense": None if dense_fit is None else {
               **dense_fit.to_json(), "alpha_n": dense_fit.alpha_n, "n_c": dense_fit.n_c},
           "fits": {r: {**f.to_json(), "router": r,
@@ -105,8 +163,10 @@ def fit_granular_table(df: pd.DataFrame, args: argparse.Namespace, out: pathlib.
   """Fit Eq. 9 per (router, num_experts) and the dense law; print, plot, return fits.json."""
   columns = ["router", "num_experts", "total_params_nonemb", "tokens", "granularity",
              args.loss_column]
-  scaling.validate_table(df, columns, at_least_one=["num_experts", "granularity"],
-                         who="routing_lm.fit")
+  scaling.validate_table(df, columns, positive=["total_params_nonemb", "tokens",
+                                                args.loss_column],
+                         at_least_one=["num_experts", "granularity"], who="routing_lm.fit",
+                         source=args.results)
   routed = df[df["num_experts"] > 1]
   routers = _select_routers(routed, args.router)
   kw = dict(loss_column=args.loss_column, holdout_above=args.holdout_above,
@@ -137,8 +197,10 @@ def fit_granular_table(df: pd.DataFrame, args: argparse.Namespace, out: pathlib.
   print(f"Granular law: L = c + (g / G^gamma + a) N^-alpha + b D^-beta "
         f"(finegrained_spec.md Eq. 9; {args.loss_column}; RMSE in ln loss)")
   print(plots.format_table(header, rows))
+  print(leave_out_table(fits | ({"dense": dense_fit} if dense_fit is not None else {}),
+                        "fit", "ln"))
+  print(_bootstrap_title(args.n_bootstrap))
   if args.n_bootstrap > 0:
-    print(f"\nBootstrap {args.n_bootstrap} x 80% of the runs, 10-90% intervals:")
     print(plots.format_table(["fit", "a", "alpha", "b", "beta", "g", "gamma", "c"],
                              [_intervals(n, f) for n, f in fits.items()]))
   if not args.no_plots:
@@ -147,7 +209,7 @@ def fit_granular_table(df: pd.DataFrame, args: argparse.Namespace, out: pathlib.
                       & (routed["num_experts"] == meta[name]["num_experts"])]
       plots.plot_granular_loss_vs_g(rows_f, f, out / f"{name}_loss_vs_granularity.png",
                                     args.loss_column)
-  return {"law": "granular", "loss_column": args.loss_column,
+  return {"law": "granular", "loss_column": args.loss_column, "n_bootstrap": args.n_bootstrap,
           "dense": None if dense_fit is None else dense_fit.to_json(),
           "fits": {n: {**f.to_json(), **meta[n]} for n, f in fits.items()}}
 
@@ -171,11 +233,24 @@ def _select_routers(routed: pd.DataFrame, wanted: str) -> list[str]:
   return routers
 
 
+def read_results(path: str) -> pd.DataFrame:
+  """results.csv as a DataFrame; ValueError naming the file if it is empty or not a table."""
+  try:
+    return pd.read_csv(path)
+  except pd.errors.EmptyDataError:
+    raise ValueError(f"--results={path} is empty (no header, no rows); point it at the "
+                     f"results.csv that python -m routing_lm.sweep writes, after a run "
+                     f"has finished.") from None
+  except (pd.errors.ParserError, UnicodeDecodeError) as e:
+    raise ValueError(f"--results={path} is not a CSV table ({e}); point it at the "
+                     f"results.csv that python -m routing_lm.sweep writes.") from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   args = _parse(argv)
   out = pathlib.Path(args.out)
   try:
-    df = pd.read_csv(args.results)
+    df = read_results(args.results)
     run = fit_routed_table if args.law == "routed" else fit_granular_table
     result = run(df, args, out)
   except (ValueError, FileNotFoundError) as e:

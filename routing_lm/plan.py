@@ -14,7 +14,9 @@ the dense size N̄ that matches it.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import math
 import sys
 from typing import Sequence
 
@@ -54,25 +56,66 @@ def _floats(text: str, flag: str) -> list[float]:
 def load_law(args: argparse.Namespace) -> tuple[str, str, object, object, int]:
   """(kind, name, coeffs, dense coeffs or None, num_experts) from --law or --fits."""
   if args.fits:
-    with open(args.fits) as f:
-      fits = json.load(f)
-    if not fits.get("fits"):
-      raise ValueError(f"--fits={args.fits}: no fits in the file.")
+    fits = read_fits(args.fits)
     name = args.fit or next(iter(fits["fits"]))
     if name not in fits["fits"]:
       raise ValueError(f"--fit={name}: not in {args.fits}; it has {list(fits['fits'])}.")
     entry = fits["fits"][name]
     if fits["law"] == "routed":
-      return "routed", name, scaling.RoutedCoeffs(**entry["coefficients"]), None, 0
+      coeffs = _coefficients(scaling.RoutedCoeffs, entry, f"fit '{name}'", args.fits)
+      return "routed", name, coeffs, None, 0
     dense = fits.get("dense")
-    dense = scaling.GranularCoeffs(**dense["coefficients"]) if dense else None
-    return ("granular", name, scaling.GranularCoeffs(**entry["coefficients"]), dense,
+    dense = (_coefficients(scaling.GranularCoeffs, dense, "the dense fit", args.fits)
+             if dense else None)
+    return ("granular", name,
+            _coefficients(scaling.GranularCoeffs, entry, f"fit '{name}'", args.fits), dense,
             int(entry["num_experts"]))
   law = args.law or "krajewski_e64"
   if law in scaling.PUBLISHED:
     return "routed", law, scaling.PUBLISHED[law], None, 0
   return ("granular", law, scaling.KRAJEWSKI[law], scaling.KRAJEWSKI_DENSE,
           scaling.KRAJEWSKI_NUM_EXPERTS[law])
+
+
+_FIT_HINT = ("pass the fits.json that `python -m routing_lm.fit --results=results.csv "
+             "--out=DIR` writes (DIR/fits.json)")
+
+
+def read_fits(path: str) -> dict:
+  """fits.json written by routing_lm.fit; ValueError naming the file and the fix otherwise."""
+  with open(path) as f:
+    text = f.read()
+  if not text.strip():
+    raise ValueError(f"--fits={path} is empty; {_FIT_HINT}.")
+  try:
+    fits = json.loads(text)
+  except json.JSONDecodeError as e:
+    first = text.splitlines()[0]
+    looks_csv = "," in first and ("val_loss" in first or path.endswith(".csv"))
+    kind = "a results table (CSV), not fits" if looks_csv else f"not JSON ({e})"
+    raise ValueError(f"--fits={path} is {kind}; {_FIT_HINT}.") from None
+  if not isinstance(fits, dict) or fits.get("law") not in ("routed", "granular"):
+    raise ValueError(f"--fits={path} has no 'law' of 'routed' or 'granular'; {_FIT_HINT}.")
+  if not isinstance(fits.get("fits"), dict) or not fits["fits"]:
+    raise ValueError(f"--fits={path}: no fits in the file; refit with routing_lm.fit on a "
+                     f"results.csv with routed runs (num_experts > 1).")
+  return fits
+
+
+def _coefficients(cls: type, entry: dict, what: str, path: str):
+  """cls(**entry['coefficients']) after checking that every coefficient is a finite number."""
+  names = [f.name for f in dataclasses.fields(cls)]
+  values = entry.get("coefficients") if isinstance(entry, dict) else None
+  if not isinstance(values, dict) or set(values) != set(names):
+    raise ValueError(f"--fits={path}: {what} needs coefficients {names}, got "
+                     f"{None if values is None else sorted(values)}; {_FIT_HINT}.")
+  for k in names:
+    v = values[k]
+    if not isinstance(v, (int, float)) or not math.isfinite(v):
+      raise ValueError(f"--fits={path}: {what} has coefficient {k} = {v}; the fit failed "
+                       f"(NaN/inf in results.csv, or too few runs). Rerun routing_lm.fit on "
+                       f"a complete results.csv, or choose another --fit.")
+  return cls(**{k: float(values[k]) for k in names})
 
 
 def granular_report(name: str, coeffs, dense, num_experts: int, budgets: list[float]) -> str:

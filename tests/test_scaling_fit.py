@@ -1,4 +1,6 @@
 """Fits (routing_lm/scaling/fit.py) and plots (routing_lm/scaling/plots.py)."""
+import dataclasses
+import inspect
 import json
 
 import numpy as np
@@ -27,7 +29,8 @@ def _rel_errors(fit, true, names):
 @pytest.mark.parametrize("router", sorted(scaling.PUBLISHED))
 def test_fit_routed_recovers_exact_coefficients(router):
   true = scaling.PUBLISHED[router]
-  fit = scaling.fit_routed(scaling.synthetic_routed_table(true, router=router), n_bootstrap=0)
+  fit = scaling.fit_routed(scaling.synthetic_routed_table(true, router=router), n_bootstrap=0,
+                           leave_out=False)
   for k, err in _rel_errors(fit, true, ROUTED_NAMES).items():
     assert err < 1e-6, (k, getattr(fit, k))
   assert fit.rmse < 1e-9 and fit.n_points == 70
@@ -51,7 +54,7 @@ def test_fit_routed_recovers_published_coefficients_with_noise(router, seed):
   """
   true = scaling.PUBLISHED[router]
   table = scaling.synthetic_routed_table(true, noise=0.005, seed=seed, router=router)
-  fit = scaling.fit_routed(table, n_bootstrap=0)
+  fit = scaling.fit_routed(table, n_bootstrap=0, leave_out=False)
   errors = _rel_errors(fit, true, ROUTED_RTOL)
   assert all(errors[k] < tol for k, tol in ROUTED_RTOL.items()), errors
   assert 1 / ROUTED_E_MAX_FACTOR < fit.e_max / true.e_max < ROUTED_E_MAX_FACTOR
@@ -64,25 +67,37 @@ def test_fit_routed_recovers_published_coefficients_with_noise(router, seed):
 
 
 def test_fit_routed_bootstrap_intervals():
-  exact = scaling.fit_routed(scaling.synthetic_routed_table(scaling.HASH), n_bootstrap=5)
+  exact = scaling.fit_routed(scaling.synthetic_routed_table(scaling.HASH), n_bootstrap=5,
+                             leave_out=False)
   for k in ROUTED_NAMES:  # every subset of exact points gives the same coefficients
     np.testing.assert_allclose(exact.intervals[k], getattr(scaling.HASH, k), rtol=1e-6)
   table = scaling.synthetic_routed_table(scaling.SBASE, noise=0.005, seed=3)
-  fit = scaling.fit_routed(table, n_bootstrap=8, seed=1)
-  assert set(fit.intervals) == set(ROUTED_NAMES)
+  kw = dict(n_bootstrap=8, leave_out=False)
+  fit = scaling.fit_routed(table, seed=1, **kw)
+  assert set(fit.intervals) == set(ROUTED_NAMES) and fit.n_bootstrap == 8
   assert all(lo < hi for lo, hi in fit.intervals.values())
-  assert fit.intervals == scaling.fit_routed(table, n_bootstrap=8, seed=1).intervals
-  assert fit.intervals != scaling.fit_routed(table, n_bootstrap=8, seed=2).intervals
+  assert fit.intervals == scaling.fit_routed(table, seed=1, **kw).intervals
+  assert fit.intervals != scaling.fit_routed(table, seed=2, **kw).intervals
   lo, hi = fit.intervals["a"]
   assert hi - lo < 0.01  # a is well identified (|a| = 0.082)
   assert fit.to_json()["intervals"]["a"] == [lo, hi]
+  assert fit.to_json()["n_bootstrap"] == 8
+
+
+@pytest.mark.parametrize("fit_fn", [scaling.fit_dense, scaling.fit_routed, scaling.fit_granular])
+def test_bootstrap_default_is_at_least_1000(fit_fn):
+  assert inspect.signature(fit_fn).parameters["n_bootstrap"].default >= 1000
+  assert scaling.N_BOOTSTRAP >= 1000
+  with pytest.raises(ValueError, match=r"n_bootstrap=-1 must be >= 0"):
+    fit_fn(_routed() if fit_fn is not scaling.fit_granular else _granular(), n_bootstrap=-1,
+           leave_out=False)
 
 
 def test_fit_routed_huber_resists_an_outlier():
   table = scaling.synthetic_routed_table(scaling.SBASE)
   table.loc[13, "val_loss"] *= 1.3
-  plain = scaling.fit_routed(table, n_bootstrap=0)
-  robust = scaling.fit_routed(table, huber_delta=0.001, n_bootstrap=0)
+  plain = scaling.fit_routed(table, n_bootstrap=0, leave_out=False)
+  robust = scaling.fit_routed(table, huber_delta=0.001, n_bootstrap=0, leave_out=False)
   assert abs(plain.a / scaling.SBASE.a - 1) > 0.05
   for k, err in _rel_errors(robust, scaling.SBASE, ("a", "b", "c", "d")).items():
     assert err < 0.02, (k, err)
@@ -91,14 +106,136 @@ def test_fit_routed_huber_resists_an_outlier():
 
 def test_fit_routed_heldout():
   table = scaling.synthetic_routed_table(scaling.RLR, noise=0.005, seed=0)
-  fit = scaling.fit_routed(table, holdout_above=400e6, n_bootstrap=0)
+  fit = scaling.fit_routed(table, holdout_above=400e6, n_bootstrap=0, leave_out=False)
   assert fit.n_points == 50 and len(fit.heldout_residuals) == 20
   assert fit.heldout_rmse < 0.005  # 870M and 1.3B predicted within about 1%
   exact = scaling.fit_routed(scaling.synthetic_routed_table(scaling.RLR),
-                             holdout_above=400e6, n_bootstrap=0)
+                             holdout_above=400e6, n_bootstrap=0, leave_out=False)
   assert exact.heldout_rmse < 1e-8
   with pytest.raises(ValueError, match="holdout_above"):
     scaling.fit_routed(table, holdout_above=10e6)
+
+
+# ---------------------------------------------------------------------------------------
+# Leave-out prediction errors and AIC: planted laws.
+# ---------------------------------------------------------------------------------------
+SMALL_N = (15e6, 55e6, 130e6, 370e6, 1.3e9)
+SMALL_E = (1, 2, 4, 8, 32, 128)
+
+
+def _small(coeffs=scaling.SBASE, **kw):
+  return scaling.synthetic_routed_table(coeffs, n_params=SMALL_N, experts=SMALL_E, **kw)
+
+
+def test_leave_out_exact_law_predicts_exactly():
+  fit = scaling.fit_routed(_small(), n_bootstrap=0)
+  assert fit.largest_out.left_out == "n_params=1.3e+09" and fit.largest_out.n_points == 6
+  assert fit.largest_out.rmse < 1e-10 and fit.largest_out.mean_abs_rel < 1e-10
+  assert sorted(fit.e_out) == [2.0, 4.0, 8.0, 32.0, 128.0]  # every E > 1, not the dense rows
+  assert all(h.n_points == 5 and h.rmse < 1e-10 for h in fit.e_out.values())
+  assert fit.e_out_rms < 1e-10
+
+
+def test_leave_largest_out_sees_a_planted_outlier():
+  """An outlier at the largest N: only the refit that did not see it reports it in full."""
+  table = _small()
+  row = table.index[(table["n_params"] == 1.3e9) & (table["num_experts"] == 8)][0]
+  table.loc[row, "val_loss"] *= 1.05
+  jump = np.log10(1.05)
+  fit = scaling.fit_routed(table, n_bootstrap=0)
+  # The refit without the 1.3B rows saw only exact points: it recovers the law, so it
+  # predicts the five clean 1.3B rows exactly and misses the outlier by its full jump.
+  held = fit.largest_out.residuals
+  np.testing.assert_allclose(held, np.where(np.arange(6) == 3, jump, 0.0), atol=1e-9)
+  assert fit.largest_out.rmse == pytest.approx(jump / np.sqrt(6), rel=1e-6)
+  assert fit.largest_out.mean_abs_rel == pytest.approx((1 - 1 / 1.05) / 6, rel=1e-6)
+  # The same rows without the 1.3B runs fit in-sample to rounding: the error is out of sample.
+  assert scaling.fit_routed(table[table["n_params"] < 1.3e9], n_bootstrap=0,
+                            leave_out=False).rmse < 1e-10
+  # The full fit saw the outlier and was pulled toward it; the E = 8 refit did not see it.
+  assert fit.residuals[row] < 0.9 * jump and fit.rmse > 1e-3
+  np.testing.assert_allclose(fit.e_out[8.0].residuals, [0, 0, 0, 0, jump], atol=1e-9)
+  assert all(fit.e_out[e].rmse > 1e-4 for e in (2.0, 4.0, 32.0, 128.0))  # they saw it
+
+
+def test_leave_one_e_out_sees_a_wrongly_scaled_e():
+  """Every E = 32 loss 3% high: the refit without E = 32 misses each by log10(1.03)."""
+  table = _small()
+  table.loc[table["num_experts"] == 32, "val_loss"] *= 1.03
+  fit = scaling.fit_routed(table, n_bootstrap=0)
+  np.testing.assert_allclose(fit.e_out[32.0].residuals, np.log10(1.03), rtol=1e-6)
+  assert fit.e_out[32.0].mean_abs_rel == pytest.approx(1 - 1 / 1.03, rel=1e-6)
+  assert fit.e_out_rms == pytest.approx(np.sqrt(np.mean([h.rmse**2
+                                                         for h in fit.e_out.values()])))
+  assert fit.e_out_rms > 3 * fit.rmse  # out of sample is worse than in sample
+  out = json.loads(json.dumps(fit.to_json()))
+  assert out["e_out"]["32"] == {"left_out": "num_experts=32", "n_points": 5,
+                                "rmse": pytest.approx(np.log10(1.03), rel=1e-6),
+                                "mean_abs_rel": pytest.approx(1 - 1 / 1.03, rel=1e-6)}
+  assert out["largest_out"]["n_points"] == 6 and out["e_out_rms"] == fit.e_out_rms
+
+
+def test_leave_out_skipped_when_too_few_rows():
+  # Two sizes: without the larger one, log N takes one value; the law is not identified.
+  table = scaling.synthetic_routed_table(scaling.SBASE, n_params=(15e6, 55e6),
+                                         experts=(1, 4, 16, 64))
+  fit = scaling.fit_routed(table, n_bootstrap=0)
+  assert fit.largest_out is None and fit.to_json()["largest_out"] is None
+  assert sorted(fit.e_out) == [4.0, 16.0, 64.0]
+  assert scaling.fit_routed(table, n_bootstrap=0, leave_out=False).e_out == {}
+  # 8 runs leave AICc no degrees of freedom for the 6 + 1 parameters: no comparison.
+  assert fit.forms == {} and fit.preferred_form is None and "aic" not in fit.to_json()
+  # 10 runs: a power law per E (10 coefficients) cannot be judged and is left out.
+  table = scaling.synthetic_routed_table(scaling.SBASE, n_params=(15e6, 55e6),
+                                         experts=(1, 4, 16, 64, 256), noise=0.01)
+  fit = scaling.fit_routed(table, n_bootstrap=0, leave_out=False)
+  assert set(fit.forms) == {"saturating", "no_saturation", "dense"}
+  assert all(np.isfinite(f.aicc) for f in fit.forms.values())
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_aic_prefers_saturation_only_when_the_data_saturate(seed):
+  """Paper grid, 0.5% noise: the law with Ê wins on saturating data; on data with Ê = E
+  the nested form without saturation wins or ties within 2."""
+  kw = dict(n_bootstrap=0, leave_out=False)
+  fit = scaling.fit_routed(scaling.synthetic_routed_table(scaling.SBASE, noise=0.005,
+                                                          seed=seed), **kw)
+  assert set(fit.forms) == {"saturating", "no_saturation", "dense", "dense_per_e"}
+  assert fit.preferred_form == "saturating"
+  aicc = {k: f.aicc for k, f in fit.forms.items()}
+  assert aicc["no_saturation"] - aicc["saturating"] > 10
+  assert aicc["dense"] - aicc["saturating"] > 100  # routing matters
+  assert [fit.forms[k].n_coefficients for k in aicc] == [6, 4, 2, 20]
+  saturating = fit.forms["saturating"]
+  assert saturating.rss == pytest.approx(np.sum(fit.residuals**2))
+  assert (saturating.aic, saturating.aicc) == pytest.approx(
+      scaling.stats.gaussian_aic(saturating.rss, 70, 6))
+
+  linear = dataclasses.replace(scaling.SBASE, e_start=1.0, e_max=1e12)  # Ê = E
+  fit = scaling.fit_routed(scaling.synthetic_routed_table(linear, noise=0.005, seed=seed),
+                           **kw)
+  aicc = {k: f.aicc for k, f in fit.forms.items()}
+  assert aicc["no_saturation"] <= aicc["saturating"] + 2
+  assert fit.preferred_form == "no_saturation"
+  out = fit.to_json()
+  assert out["preferred_form"] == "no_saturation"
+  assert out["aic"]["no_saturation"]["n_coefficients"] == 4
+  assert out["aic"]["dense"]["aicc"] == pytest.approx(aicc["dense"])
+
+
+def test_aic_no_saturation_form_is_eq1_with_e_hat_equal_e():
+  """The no_saturation RSS is the least-squares fit of the bilinear law in log10 E."""
+  table = _small(noise=0.01, seed=5)
+  fit = scaling.fit_routed(table, n_bootstrap=0, leave_out=False)
+  lx, le = np.log10(table["n_params"]), np.log10(table["num_experts"])
+  design = np.column_stack([lx, le, lx * le, np.ones_like(lx)])
+  ly = np.log10(table["val_loss"])
+  coef = np.linalg.lstsq(design, ly, rcond=None)[0]
+  assert fit.forms["no_saturation"].rss == pytest.approx(np.sum((design @ coef - ly)**2))
+  # ... and no worse than the full law at its nested point (E_start = 1, E_max -> inf).
+  assert fit.forms["saturating"].rss <= fit.forms["no_saturation"].rss * (1 + 1e-6)
+  dense = np.polyfit(lx, ly, 1)
+  assert fit.forms["dense"].rss == pytest.approx(np.sum((np.polyval(dense, lx) - ly)**2))
 
 
 def test_fit_dense():
@@ -111,6 +248,12 @@ def test_fit_dense():
   assert fit.alpha_n == pytest.approx(0.078, rel=1e-9)
   assert fit.n_c == pytest.approx(3.568e13, rel=1e-6)
   assert fit.n_points == 7 and fit.rmse < 1e-12
+  assert fit.largest_out.left_out == "n_params=1.3e+09" and fit.largest_out.rmse < 1e-12
+  assert fit.e_out == {} and fit.forms == {} and "aic" not in fit.to_json()
+  # A 2% outlier at the largest size: predicted from the six others, missed by its size.
+  table.loc[(table["num_experts"] == 1) & (table["n_params"] == 1.3e9), "val_loss"] *= 1.02
+  held = scaling.fit_dense(table, n_bootstrap=0).largest_out
+  assert held.n_points == 1 and held.rmse == pytest.approx(np.log10(1.02), rel=1e-9)
   with pytest.raises(ValueError, match="fewer than the 2 coefficients"):
     scaling.fit_dense(table[table["num_experts"] > 1])
 
@@ -123,21 +266,24 @@ def test_fit_granular_exact_coefficients(name):
   """On noise-free points of the spec's run grid the seven coefficients come back."""
   true = scaling.KRAJEWSKI[name]
   table = scaling.synthetic_granular_table(true, num_experts=scaling.KRAJEWSKI_NUM_EXPERTS[name])
-  fit = scaling.fit_granular(table, n_bootstrap=0)
+  fit = scaling.fit_granular(table, n_bootstrap=0, leave_out=name == "krajewski_e64")
   for k, err in _rel_errors(fit, true, GRANULAR_NAMES).items():
     assert err < 1e-4, (k, getattr(fit, k))
   assert fit.n_points == 75 and fit.rmse < 1e-8
+  if name == "krajewski_e64":  # refit without d_model 768 (15 runs) predicts them
+    assert fit.largest_out.n_points == 15 and fit.largest_out.rmse < 1e-6
+    assert fit.largest_out.left_out.startswith("total_params_nonemb=")
 
 
 def test_fit_granular_dense_mode():
   table = scaling.synthetic_granular_table(scaling.KRAJEWSKI_DENSE, num_experts=1,
                                            granularities=(1,))
   table = table.drop(columns=["granularity"])
-  fit = scaling.fit_granular(table, dense=True, n_bootstrap=0)
+  fit = scaling.fit_granular(table, dense=True, n_bootstrap=0, leave_out=False)
   for k, err in _rel_errors(fit, scaling.KRAJEWSKI_DENSE, ("a", "alpha", "b", "beta", "c")).items():
     assert err < 1e-4, (k, getattr(fit, k))
   assert fit.g == 0.0
-  shared = scaling.fit_granular(table, dense=True, c=0.47, n_bootstrap=0)
+  shared = scaling.fit_granular(table, dense=True, c=0.47, n_bootstrap=0, leave_out=False)
   assert shared.c == pytest.approx(0.47) and shared.a == pytest.approx(16.3, rel=1e-4)
 
 
@@ -152,7 +298,7 @@ def test_fit_granular_predicts_larger_models(seed):
   """
   true = scaling.KRAJEWSKI_E64
   grid = scaling.synthetic_granular_table(true, noise=0.005, seed=seed)
-  fit = scaling.fit_granular(grid, n_bootstrap=0)
+  fit = scaling.fit_granular(grid, n_bootstrap=0, leave_out=False)
   big = scaling.synthetic_granular_table(true, d_models=(960, 1024, 1088))
   ratio = big["total_params_nonemb"].unique() / grid["total_params_nonemb"].max()
   assert ratio.min() > 1.9 and ratio.max() < 3.0
@@ -166,7 +312,7 @@ def test_fit_granular_predicts_larger_models(seed):
 
 def test_fit_granular_bootstrap_and_heldout():
   table = scaling.synthetic_granular_table(scaling.KRAJEWSKI_E64, noise=0.005, seed=4)
-  fit = scaling.fit_granular(table, n_bootstrap=3, holdout_above=2.5e9)
+  fit = scaling.fit_granular(table, n_bootstrap=3, holdout_above=2.5e9, leave_out=False)
   assert set(fit.intervals) == set(GRANULAR_NAMES)
   assert all(lo <= hi for lo, hi in fit.intervals.values())
   assert fit.n_points == 60 and len(fit.heldout_residuals) == 15
@@ -242,7 +388,7 @@ def test_fit_granular_bad_loss_column():
 # ---------------------------------------------------------------------------------------
 def test_routed_plots_contain_data(tmp_path):
   table = scaling.synthetic_routed_table(scaling.SBASE, noise=0.005, seed=0)
-  fit = scaling.fit_routed(table, n_bootstrap=0)
+  fit = scaling.fit_routed(table, n_bootstrap=0, leave_out=False)
 
   fig = plots.plot_loss_vs_experts(table, fit, tmp_path / "experts.png")
   assert (tmp_path / "experts.png").stat().st_size > 1000

@@ -2,11 +2,14 @@
 
 numpy/scipy/pandas/matplotlib only (no jax): works without the training stack.
 Laws: ../shared/paper_spec.md section 2 (Clark et al.) and finegrained_spec.md (Krajewski
-et al.). Plots live in `routing_lm.scaling.plots` (imported on use: matplotlib).
+et al.). Intervals over seeds and AIC: `routing_lm.scaling.stats`. Plots live in
+`routing_lm.scaling.plots` (imported on use: matplotlib).
 """
-from routing_lm.scaling.fit import (DenseFit, FitStats, GranularFit, RoutedFit, fit_dense,
-                                    fit_granular, fit_routed, synthetic_granular_table,
-                                    synthetic_routed_table, validate_table)
+from routing_lm.scaling import stats
+from routing_lm.scaling.fit import (N_BOOTSTRAP, DenseFit, FitStats, FormFit, GranularFit,
+                                    HeldOut, RoutedFit, fit_dense, fit_granular, fit_routed,
+                                    synthetic_granular_table, synthetic_routed_table,
+                                    validate_table)
 from routing_lm.scaling.laws import (
     CLARK_DENSE, HASH, KRAJEWSKI, KRAJEWSKI_DENSE, KRAJEWSKI_E16, KRAJEWSKI_E64,
     KRAJEWSKI_D_MODELS, KRAJEWSKI_E64_HELDOUT, KRAJEWSKI_GRANULARITIES, KRAJEWSKI_NUM_EXPERTS,

@@ -6,7 +6,9 @@
 
 Each returns its law's coefficient set (usable wherever the law takes `coeffs`) with the
 fit statistics of `FitStats` attached: RMSE and residuals of the log-loss, bootstrap
-percentile intervals, and, in held-out mode, the error on the larger models.
+percentile intervals (N_BOOTSTRAP = 1000 refits by default), the prediction error of refits
+that left out the largest size (and, for the routed law, each E > 1), the AIC of the routed
+law against simpler forms, and, in held-out mode, the error on the larger models.
 """
 from __future__ import annotations
 
@@ -18,7 +20,44 @@ import numpy as np
 import pandas as pd
 from scipy import optimize
 
-from routing_lm.scaling import laws
+from routing_lm.scaling import laws, stats
+
+
+@dataclasses.dataclass(frozen=True)
+class HeldOut:
+  """Prediction error on rows that a refit did not see.
+
+  rmse is in the law's own log-loss (log10 for Clark's laws, ln for Krajewski's);
+  mean_abs_rel is mean |L_predicted / L - 1|; residuals [n_points] are observed - predicted.
+  """
+  left_out: str
+  n_points: int
+  rmse: float
+  mean_abs_rel: float
+  residuals: np.ndarray = dataclasses.field(repr=False)
+
+  def to_json(self) -> dict:
+    return {"left_out": self.left_out, "n_points": int(self.n_points),
+            "rmse": float(self.rmse), "mean_abs_rel": float(self.mean_abs_rel)}
+
+
+@dataclasses.dataclass(frozen=True)
+class FormFit:
+  """One candidate form of the AIC comparison (stats.gaussian_aic on its RSS).
+
+  n_coefficients excludes the noise variance (gaussian_aic adds it).
+  """
+  name: str
+  description: str
+  n_coefficients: int
+  n_points: int
+  rss: float
+  aic: float
+  aicc: float
+
+  def to_json(self) -> dict:
+    return {k: (float(v) if isinstance(v, (float, np.floating)) else v)
+            for k, v in dataclasses.asdict(self).items()}
 
 
 @dataclasses.dataclass(frozen=True, eq=False, kw_only=True)
@@ -27,8 +66,16 @@ class FitStats:
 
   rmse and residuals (observed - predicted) are in the law's own log-loss: log10 for
   Clark's laws, natural log for Krajewski's. intervals maps each coefficient to its
-  (low, high) bootstrap percentiles. With `holdout_above`, the heldout_* fields describe
-  the rows above that size, which the fit did not see.
+  (low, high) bootstrap percentiles over n_bootstrap refits. With `holdout_above`, the
+  heldout_* fields describe the rows above that size, which the fit did not see.
+
+  Out-of-sample checks, each a refit (full multi-start, not warm-started from the full fit)
+  on the rows that remain, predicting the rows left out:
+  - largest_out: the rows of the largest size (n_params; total_params_nonemb for Eq. 9);
+  - e_out: routed law only, one per E > 1: the rows of that E;
+  None (or absent from e_out) where the rows that remain cannot identify the law.
+  forms (routed law only): the AIC comparison of the law against simpler forms; the
+  preferred form has the lowest AICc.
   """
   rmse: float
   residuals: np.ndarray = dataclasses.field(repr=False)
@@ -37,15 +84,40 @@ class FitStats:
                                                                repr=False)
   heldout_rmse: float | None = None
   heldout_residuals: np.ndarray | None = dataclasses.field(default=None, repr=False)
+  n_bootstrap: int = 0
+  largest_out: HeldOut | None = dataclasses.field(default=None, repr=False)
+  e_out: dict[float, HeldOut] = dataclasses.field(default_factory=dict, repr=False)
+  forms: dict[str, FormFit] = dataclasses.field(default_factory=dict, repr=False)
+
+  @property
+  def e_out_rms(self) -> float | None:
+    """RMS over E of the leave-one-E-out RMSEs (each E weighs the same)."""
+    if not self.e_out:
+      return None
+    return float(np.sqrt(np.mean([h.rmse**2 for h in self.e_out.values()])))
+
+  @property
+  def preferred_form(self) -> str | None:
+    """The form of lowest AICc (None without a comparison)."""
+    if not self.forms:
+      return None
+    return min(self.forms.values(), key=lambda f: f.aicc).name
 
   def to_json(self) -> dict:
     """A JSON-serialisable summary: coefficients, statistics and intervals."""
     out = {"coefficients": laws.coefficients(self), "rmse": float(self.rmse),
-           "n_points": int(self.n_points),
+           "n_points": int(self.n_points), "n_bootstrap": int(self.n_bootstrap),
            "intervals": {k: [float(lo), float(hi)] for k, (lo, hi) in self.intervals.items()}}
     if self.heldout_rmse is not None:
       out["heldout_rmse"] = float(self.heldout_rmse)
       out["heldout_points"] = int(len(self.heldout_residuals))
+    out["largest_out"] = None if self.largest_out is None else self.largest_out.to_json()
+    if self.e_out:
+      out["e_out"] = {f"{e:g}": h.to_json() for e, h in self.e_out.items()}
+      out["e_out_rms"] = self.e_out_rms
+    if self.forms:
+      out["aic"] = {name: f.to_json() for name, f in self.forms.items()}
+      out["preferred_form"] = self.preferred_form
     return out
 
 
@@ -69,29 +141,42 @@ class GranularFit(laws.GranularCoeffs, FitStats):
 # ---------------------------------------------------------------------------------------
 def validate_table(df: pd.DataFrame, columns: Sequence[str], *, positive: Sequence[str] = (),
                    at_least_one: Sequence[str] = (), min_rows: int = 1,
-                   text: Sequence[str] = ("router",), who: str = "fit") -> pd.DataFrame:
+                   text: Sequence[str] = ("router",), who: str = "fit",
+                   source: str | None = None) -> pd.DataFrame:
   """Check a results table; return a copy with `columns` (except `text` ones) as floats.
 
-  Raises ValueError naming the column, the bad value and its row, and the fix.
+  Raises ValueError naming the column, the bad value and its row, and the fix. `source`,
+  the CSV file the table was read from (header on line 1), adds the file and line.
   """
   if not isinstance(df, pd.DataFrame):
     raise TypeError(f"{who} expects a pandas DataFrame with the results.csv columns, "
                     f"got {type(df).__name__}.")
+  where = "" if source is None else f" of {source}"
+
+  def row(i: int) -> str:
+    return f"row {i}" if source is None else f"row {i} (line {i + 2} of {source})"
+
   missing = [c for c in columns if c not in df.columns]
   if missing:
-    raise ValueError(f"{who}: the table is missing column(s) {missing} (it has "
+    raise ValueError(f"{who}: the table{where} is missing column(s) {missing} (it has "
                      f"{list(df.columns)}); add them (results.csv contract) or rename yours.")
+  if len(df) == 0 and source is not None:
+    raise ValueError(f"{who}: {source} has no rows (only a header): no run has finished "
+                     f"yet. Run the sweep (python -m routing_lm.sweep) first.")
   out = df.reset_index(drop=True).copy()
   for col in (c for c in columns if c not in text):
     values = pd.to_numeric(out[col], errors="coerce")
     bad = values.isna() & out[col].notna()
     if bad.any():
       i = int(np.flatnonzero(bad)[0])
-      raise ValueError(f"{who}: column '{col}' must be numeric; row {i} has {out[col][i]!r}.")
+      raise ValueError(f"{who}: column '{col}' must be numeric; {row(i)} has "
+                       f"{out[col][i]!r}.")
     if not np.isfinite(values).all():
-      i = int(np.flatnonzero(~np.isfinite(values))[0])
-      raise ValueError(f"{who}: column '{col}' is empty or infinite ({values[i]}) in row "
-                       f"{i}; drop or fill that row before fitting.")
+      nonfinite = np.flatnonzero(~np.isfinite(values))
+      i = int(nonfinite[0])
+      raise ValueError(f"{who}: column '{col}' is empty or infinite ({values[i]}) in {row(i)}"
+                       f" ({len(nonfinite)} of {len(values)} rows); a failed or diverged run "
+                       f"leaves it empty: rerun it, or drop or fill that row before fitting.")
     out[col] = values.astype(float)
   rules = ([(c, "> 0", lambda v: v <= 0) for c in positive]
            + [(c, ">= 1", lambda v: v < 1) for c in at_least_one])
@@ -101,7 +186,7 @@ def validate_table(df: pd.DataFrame, columns: Sequence[str], *, positive: Sequen
       i = int(np.flatnonzero(bad)[0])
       hint = {"num_experts": " (E = 1 is the dense model)",
               "granularity": " (G = 1 is a standard MoE)"}.get(col, "")
-      raise ValueError(f"{who}: column '{col}' must be {rule}{hint}; row {i} has "
+      raise ValueError(f"{who}: column '{col}' must be {rule}{hint}; {row(i)} has "
                        f"{out[col][i]:g}. Fix or drop that row.")
   if len(out) < min_rows:
     raise ValueError(f"{who}: {len(out)} rows is fewer than the {min_rows} coefficients to "
@@ -123,23 +208,49 @@ def _split(df: pd.DataFrame, size_column: str,
 # solve(frame, init) -> (theta, coefficient set); init None means the full multi-start.
 Solver = Callable[[pd.DataFrame, "np.ndarray | None"], tuple[np.ndarray, object]]
 Residuals = Callable[[object, pd.DataFrame], np.ndarray]
+# forms(frame, residuals of the full law) -> {name: FormFit}.
+Forms = Callable[[pd.DataFrame, np.ndarray], dict]
+
+# The default bootstrap resample count (functions and the routing_lm.fit CLI).
+N_BOOTSTRAP = 1000
+
+
+@dataclasses.dataclass(frozen=True)
+class _Law:
+  """What the driver needs to know about a law besides its solver.
+
+  size_column: the size whose largest value is left out; distinct: columns that need
+  >= 2 distinct values for the law to be identified; log_base: of the law's log-loss;
+  group_column: leave each value > 1 of it out in turn (the routed law's num_experts).
+  """
+  min_rows: int
+  size_column: str
+  distinct: tuple[str, ...]
+  log_base: float
+  group_column: str | None = None
 
 
 def _fit_and_report(fit_cls: type, solve: Solver, residuals: Residuals, train: pd.DataFrame,
-                    test: pd.DataFrame, *, min_rows: int, n_bootstrap: int,
+                    test: pd.DataFrame, law: _Law, *, n_bootstrap: int,
                     percentiles: tuple[float, float], seed: int,
-                    bootstrap_fraction: float = 0.8):
-  """Fit on `train`, then attach residuals, bootstrap intervals and held-out error.
+                    bootstrap_fraction: float = 0.8, leave_out: bool = True,
+                    forms: Forms | None = None):
+  """Fit on `train`; attach residuals, bootstrap intervals, held-out errors and AIC.
 
   The bootstrap refits on `n_bootstrap` random subsets of `bootstrap_fraction` of the rows
   (as Krajewski et al. do, finegrained_spec.md section 2), each started from the full fit.
+  The leave-out refits (largest size; each E > 1 with law.group_column) start from scratch:
+  a warm start from the full fit would carry information from the rows left out.
+  leave_out=False skips them (each is a full fit).
   """
+  if n_bootstrap < 0:
+    raise ValueError(f"n_bootstrap={n_bootstrap} must be >= 0 (0 skips the bootstrap).")
   theta, coeffs = solve(train, None)
   res = residuals(coeffs, train)
   intervals = {}
   if n_bootstrap > 0:
     rng = np.random.default_rng(seed)
-    size = max(min_rows, int(round(bootstrap_fraction * len(train))))
+    size = max(law.min_rows, int(round(bootstrap_fraction * len(train))))
     samples = []
     for _ in range(n_bootstrap):
       rows = np.sort(rng.choice(len(train), size=size, replace=False))
@@ -147,12 +258,42 @@ def _fit_and_report(fit_cls: type, solve: Solver, residuals: Residuals, train: p
     for name in laws.coefficient_names(coeffs):
       lo, hi = np.percentile([s[name] for s in samples], percentiles)
       intervals[name] = (float(lo), float(hi))
+  sizes = train[law.size_column]
+  largest = None
+  if leave_out:
+    largest = _leave_out(solve, residuals, train, sizes == sizes.max(), law,
+                         f"{law.size_column}={sizes.max():.3g}")
+  e_out = {}
+  if leave_out and law.group_column is not None:
+    for value in sorted(v for v in train[law.group_column].unique() if v > 1):
+      held = _leave_out(solve, residuals, train, train[law.group_column] == value, law,
+                        f"{law.group_column}={value:g}")
+      if held is not None:
+        e_out[float(value)] = held
   held = residuals(coeffs, test) if len(test) else None
   return fit_cls(
-      **laws.coefficients(coeffs), rmse=float(np.sqrt(np.mean(res**2))), residuals=res,
+      **laws.coefficients(coeffs), rmse=_rms(res), residuals=res,
       n_points=len(train), intervals=intervals,
-      heldout_rmse=None if held is None else float(np.sqrt(np.mean(held**2))),
-      heldout_residuals=held)
+      heldout_rmse=None if held is None else _rms(held),
+      heldout_residuals=held, n_bootstrap=n_bootstrap, largest_out=largest, e_out=e_out,
+      forms={} if forms is None else forms(train, res))
+
+
+def _rms(x: np.ndarray) -> float:
+  return float(np.sqrt(np.mean(np.square(x))))
+
+
+def _leave_out(solve: Solver, residuals: Residuals, frame: pd.DataFrame, out: pd.Series,
+               law: _Law, label: str) -> HeldOut | None:
+  """Refit without the rows `out` [rows] and predict them; None if the rest is too thin."""
+  keep = frame[~out.to_numpy()].reset_index(drop=True)
+  left = frame[out.to_numpy()].reset_index(drop=True)
+  if (len(keep) < law.min_rows or not len(left)
+      or any(keep[c].nunique() < 2 for c in law.distinct)):
+    return None
+  r = residuals(solve(keep, None)[1], left)
+  return HeldOut(left_out=label, n_points=len(left), rmse=_rms(r),
+                 mean_abs_rel=float(np.mean(np.abs(law.log_base**(-r) - 1.0))), residuals=r)
 
 
 def _least_squares(residual_fn, x0, huber_delta: float | None, **kw):
@@ -166,8 +307,8 @@ def _least_squares(residual_fn, x0, huber_delta: float | None, **kw):
 # ---------------------------------------------------------------------------------------
 def fit_dense(df: pd.DataFrame, *, loss_column: str = "val_loss",
               huber_delta: float | None = None, holdout_above: float | None = None,
-              n_bootstrap: int = 100, percentiles: tuple[float, float] = (10.0, 90.0),
-              seed: int = 0) -> DenseFit:
+              n_bootstrap: int = N_BOOTSTRAP, percentiles: tuple[float, float] = (10.0, 90.0),
+              seed: int = 0, leave_out: bool = True) -> DenseFit:
   """Fit log10 L = a log10 N + d (paper_spec.md section 2.1) on the dense rows.
 
   Uses `n_params` and the loss column; when the table has `num_experts`, only the rows
@@ -193,22 +334,28 @@ def fit_dense(df: pd.DataFrame, *, loss_column: str = "val_loss",
       theta = _least_squares(lambda t: t[0] * lx + t[1] - ly, theta, huber_delta).x
     return theta, laws.DenseCoeffs(a=float(theta[0]), d=float(theta[1]))
 
-  return _fit_and_report(DenseFit, solve, residuals, train, test, min_rows=2,
-                         n_bootstrap=n_bootstrap, percentiles=percentiles, seed=seed)
+  return _fit_and_report(DenseFit, solve, residuals, train, test,
+                         _Law(min_rows=2, size_column="n_params", distinct=("n_params",),
+                              log_base=10.0),
+                         n_bootstrap=n_bootstrap, percentiles=percentiles, seed=seed,
+                         leave_out=leave_out)
 
 
 def fit_routed(df: pd.DataFrame, *, loss_column: str = "val_loss",
                huber_delta: float | None = None, holdout_above: float | None = None,
                e_start_bounds: tuple[float, float] = (1.0, 16.0),
                e_max_bounds: tuple[float, float] = (16.0, 1e5),
-               n_bootstrap: int = 100, percentiles: tuple[float, float] = (10.0, 90.0),
-               seed: int = 0) -> RoutedFit:
+               n_bootstrap: int = N_BOOTSTRAP, percentiles: tuple[float, float] = (10.0, 90.0),
+               seed: int = 0, leave_out: bool = True) -> RoutedFit:
   """Fit Clark et al.'s Eq. 1 (paper_spec.md section 2.2) to one router's rows.
 
   Columns: `n_params` (N), `num_experts` (E; rows with E = 1 are the dense models) and the
   loss column. Least squares on log10 L (Huber with huber_delta, in log10 units, if set),
   started from a grid of (E_start, E_max) with a, b, c, d solved linearly for each, within
-  the given bounds (E_start < E_max is kept by the bounds not overlapping).
+  the given bounds (E_start < E_max is kept by the bounds not overlapping). The Jacobian
+  is analytic (_log_e_hat_and_grad): it halves the cost of the bootstrap refits.
+  Attached beyond FitStats' basics: largest_out, e_out (leave each E > 1 out) and forms
+  (AIC against no saturation and dense power laws, _routed_forms).
   """
   who = "fit_routed"
   table = validate_table(df, ["n_params", "num_experts", loss_column],
@@ -250,16 +397,87 @@ def fit_routed(df: pd.DataFrame, *, loss_column: str = "val_loss",
       log_e = np.log10(laws.e_hat(e, 10**theta[4], 10**theta[5]))
       return laws.bilinear_log_loss(lx, log_e, *theta[:4]) - ly
 
+    def jac(theta):
+      log_e, d_log_e = _log_e_hat_and_grad(e, theta[4], theta[5])
+      slope = theta[1] + theta[2] * lx  # d residual / d log10 Ê
+      return np.column_stack([lx, log_e, lx * log_e, np.ones_like(lx),
+                              slope * d_log_e[0], slope * d_log_e[1]])
+
     starts = [init] if init is not None else [
         np.r_[_linear_abcd(lx, e, ly, es, em), np.log10([es, em])]
         for es, em in itertools.product(
             np.geomspace(*e_start_bounds, 4)[:-1] * 1.2, np.geomspace(*e_max_bounds, 5)[1:-1])]
-    best = min((_least_squares(resid, np.clip(s, lower, upper), huber_delta,
+    best = min((_least_squares(resid, np.clip(s, lower, upper), huber_delta, jac=jac,
                                bounds=(lower, upper)) for s in starts), key=lambda r: r.cost)
     return best.x, to_coeffs(best.x)
 
-  return _fit_and_report(RoutedFit, solve, residuals, train, test, min_rows=6,
-                         n_bootstrap=n_bootstrap, percentiles=percentiles, seed=seed)
+  def forms(frame, full_residuals):
+    return _routed_forms(frame, loss_column, full_residuals, huber_delta)
+
+  return _fit_and_report(RoutedFit, solve, residuals, train, test,
+                         _Law(min_rows=6, size_column="n_params",
+                              distinct=("n_params", "num_experts"), log_base=10.0,
+                              group_column="num_experts"),
+                         n_bootstrap=n_bootstrap, percentiles=percentiles, seed=seed,
+                         leave_out=leave_out, forms=forms)
+
+
+def _log_e_hat_and_grad(e: np.ndarray, log_es: float,
+                        log_em: float) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
+  """log10 Ê [rows] and its derivatives by log10 E_start and log10 E_max [rows] each.
+
+  With s = (1/E_start - 1/E_max)^-1, u = E - 1 + s and q = 1/u + 1/E_max, Ê = 1/q
+  (paper_spec.md section 2.2), so d log10 Ê / d log10 E_start = s^2 / (E_start u^2 q) and
+  d log10 Ê / d log10 E_max = (1 - s^2 / u^2) / (E_max q).
+  """
+  es, em = 10.0**log_es, 10.0**log_em
+  s = 1.0 / (1.0 / es - 1.0 / em)
+  u = e - 1.0 + s
+  q = 1.0 / u + 1.0 / em
+  ratio = (s / u)**2
+  return -np.log10(q), (ratio / (es * q), (1.0 - ratio) / (em * q))
+
+
+def _routed_forms(frame: pd.DataFrame, loss_column: str, full_residuals: np.ndarray,
+                  huber_delta: float | None) -> dict[str, FormFit]:
+  """The routed law against simpler forms, by stats.gaussian_aic on each form's RSS.
+
+  - saturating:    Eq. 1 with Ê (a, b, c, d, E_start, E_max: 6 coefficients);
+  - no_saturation: log10 L = a log10 N + b log10 E + c log10 N log10 E + d (4), i.e. Eq. 1
+                   with Ê = E (E_start = 1, E_max -> infinity): nested in the full law;
+  - dense:         log10 L = a log10 N + d on every row, E ignored (2): routing does nothing;
+  - dense_per_e:   a separate power law a_E log10 N + d_E per E (2 per E), no law across E;
+                   present only when every E has >= 2 distinct N.
+  Each form is fitted with the same loss as the full law (least squares, or Huber with
+  huber_delta; the Gaussian likelihood behind AIC is exact only for least squares). A form
+  enters only with n > K + 1 points (K = coefficients + 1), where its AICc is defined; with
+  fewer than 9 rows there is no comparison ({}).
+  """
+  lx = np.log10(frame["n_params"].to_numpy())
+  e = frame["num_experts"].to_numpy()
+  ly = np.log10(frame[loss_column].to_numpy())
+  le = np.log10(e)
+  ones = np.ones_like(lx)
+  designs = {"no_saturation": ("Ê = E: a log N + b log E + c log N log E + d",
+                               np.column_stack([lx, le, lx * le, ones])),
+             "dense": ("one power law a log N + d, E ignored", np.column_stack([lx, ones]))}
+  groups = np.unique(e)
+  if all(len(np.unique(lx[e == g])) >= 2 for g in groups):
+    blocks = [np.column_stack([lx * (e == g), (e == g).astype(float)]) for g in groups]
+    designs["dense_per_e"] = ("a power law a_E log N + d_E per E", np.hstack(blocks))
+  n = len(frame)
+  if n <= 6 + 2:  # AICc needs n > K + 1 with K = 6 coefficients + the noise variance
+    return {}
+  rss = {"saturating": ("Eq. 1 with saturating Ê", 6, float(np.sum(full_residuals**2)))}
+  for name, (text, design) in designs.items():
+    if n <= design.shape[1] + 2:  # no residual degrees of freedom left for AICc
+      continue
+    coef = np.linalg.lstsq(design, ly, rcond=None)[0]
+    if huber_delta is not None:
+      coef = _least_squares(lambda t: design @ t - ly, coef, huber_delta).x
+    rss[name] = (text, design.shape[1], float(np.sum((design @ coef - ly)**2)))
+  return {name: FormFit(name, text, k, n, r, *stats.gaussian_aic(r, n, k))
+          for name, (text, k, r) in rss.items()}
 
 
 def _linear_abcd(lx, e, ly, e_start, e_max) -> np.ndarray:
@@ -298,8 +516,9 @@ def _granular_terms(theta, ln_n, ln_d, ln_g) -> np.ndarray:
 def fit_granular(df: pd.DataFrame, loss_column: str = "val_loss", *,
                  huber_delta: float = 0.1, dense: bool = False, c: float | None = None,
                  holdout_above: float | None = None, n_starts: int = 4,
-                 n_bootstrap: int = 100, percentiles: tuple[float, float] = (10.0, 90.0),
-                 seed: int = 0) -> GranularFit:
+                 n_bootstrap: int = N_BOOTSTRAP,
+                 percentiles: tuple[float, float] = (10.0, 90.0), seed: int = 0,
+                 leave_out: bool = True) -> GranularFit:
   """Fit Eq. 9 (finegrained_spec.md section 2) to one expansion rate's runs.
 
   Columns: `total_params_nonemb` (N), `tokens` (D), `granularity` (G) and the loss column;
@@ -367,8 +586,12 @@ def fit_granular(df: pd.DataFrame, loss_column: str = "val_loss", *,
                 for s in starts), key=lambda r: r.fun)
     return best.x, _theta_to_coeffs(full(best.x))
 
-  return _fit_and_report(GranularFit, solve, residuals, train, test, min_rows=n_free,
-                         n_bootstrap=n_bootstrap, percentiles=percentiles, seed=seed)
+  distinct = ("total_params_nonemb", "tokens") + (() if dense else ("granularity",))
+  return _fit_and_report(GranularFit, solve, residuals, train, test,
+                         _Law(min_rows=n_free, size_column="total_params_nonemb",
+                              distinct=distinct, log_base=np.e),
+                         n_bootstrap=n_bootstrap, percentiles=percentiles, seed=seed,
+                         leave_out=leave_out)
 
 
 def _granular_starts(frame, loss_column, free, fixed, objective, n_starts) -> list[np.ndarray]:
