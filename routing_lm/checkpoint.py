@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from typing import Any
 
 import ml_collections
 import orbax.checkpoint as ocp
+
+from routing_lm import paths
 
 log = logging.getLogger("routing_lm")
 
@@ -45,8 +46,7 @@ def _fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 class Checkpointer:
   def __init__(self, workdir: str, config: ml_collections.ConfigDict, every: int, keep: int):
-    self.directory = os.path.join(os.path.abspath(os.path.expanduser(workdir))
-                                  if "://" not in workdir else workdir, "checkpoints")
+    self.directory = paths.join(paths.absolute(workdir), "checkpoints")
     self.every = every
     self.fingerprint = _fingerprint(config)
     self.manager = ocp.CheckpointManager(
@@ -103,7 +103,7 @@ class Checkpointer:
         f"the latest checkpoint (step {step}) in {self.directory} cannot be read: "
         f"{type(error).__name__}: {str(error)[:300]}. Earlier checkpoints are untouched: "
         f"{earlier or 'none'}. To resume from the previous one, move "
-        f"{os.path.join(self.directory, str(step))} out of the way and rerun.")
+        f"{paths.join(self.directory, str(step))} out of the way and rerun.")
 
   def close(self) -> None:
     self.manager.wait_until_finished()

@@ -45,7 +45,6 @@ import dataclasses
 import json
 import os
 import pathlib
-import posixpath
 import shlex
 import sys
 import time
@@ -54,7 +53,7 @@ from typing import Any, Sequence
 
 import ml_collections
 
-from routing_lm import config as config_lib
+from routing_lm import config as config_lib, metrics, paths
 from routing_lm.config import ConfigError
 
 # The contract with routing_lm/scaling (and finegrained_spec.md section 5).
@@ -69,7 +68,8 @@ EXTRA_COLUMNS = (
     "d_model", "num_layers", "num_heads", "d_ff", "vocab_size", "seq_len", "batch_size",
     "learning_rate", "capacity_factor", "output_norm", "workdir")
 COLUMNS = ("name",) + RESULT_COLUMNS + EXTRA_COLUMNS
-SUMMARY = "summary.json"
+SUMMARY = metrics.SUMMARY   # each run's summary.json (routing_lm.metrics)
+RESULTS = "results.csv"
 _NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
 
 
@@ -244,20 +244,15 @@ def command(point: Point, workdir: str) -> str:
 
 
 def point_dir(workdir: str, point: Point) -> str:
-  return posixpath.join(workdir, point.name) if "://" in workdir else os.path.join(
-      workdir, point.name)
+  """`<workdir>/<point name>`, a local path or a URL (gs://...), `~` left as written."""
+  return paths.join(workdir, point.name)
 
 
 # ---------------------------------------------------------------- results
 def read_summary(path: str) -> dict[str, Any] | None:
-  if "://" in path:
-    from etils import epath   # orbax's path library; reads gs:// where gcsfs is present
-    p = epath.Path(path)
-    return json.loads(p.read_text()) if p.exists() else None
-  if not os.path.exists(path):
-    return None
-  with open(path, encoding="utf-8") as f:
-    return json.load(f)
+  """A run's summary.json (local or URL), or None when the run has not finished."""
+  text = paths.read_text(path)
+  return None if text is None else json.loads(text)
 
 
 def result_row(name: str, summary: dict[str, Any], workdir: str = "") -> dict[str, Any]:
@@ -284,22 +279,13 @@ def collect(points: Sequence[Point], workdir: str) -> list[dict[str, Any]]:
   rows, missing = [], []
   for p in points:
     pdir = point_dir(workdir, p)
-    summary = read_summary(posixpath.join(pdir, SUMMARY) if "://" in pdir
-                           else os.path.join(pdir, SUMMARY))
+    summary = read_summary(paths.join(pdir, SUMMARY))
     if summary is None:
       missing.append(p.name)
     else:
       rows.append(result_row(p.name, summary, pdir))
-  out = posixpath.join(workdir, "results.csv") if "://" in workdir else os.path.join(
-      workdir, "results.csv")
-  if "://" in out:
-    from etils import epath
-    epath.Path(out).write_text(_csv_text(rows))
-  else:
-    os.makedirs(workdir, exist_ok=True)
-    with open(out + ".tmp", "w", encoding="utf-8", newline="") as f:
-      f.write(_csv_text(rows))
-    os.replace(out + ".tmp", out)
+  out = paths.join(workdir, RESULTS)
+  paths.write_atomic(out, _csv_text(rows))   # creates the workdir if needed
   log(f"wrote {out}: {len(rows)} of {len(points)} points"
       + (f" (not finished: {', '.join(missing)})" if missing else ""))
   return rows
@@ -336,11 +322,11 @@ def run_points(points: Sequence[Point], workdir: str, selected: Sequence[Point])
   for p in selected:
     tag = f"{p.index + 1}/{n} {p.name}"
     pdir = point_dir(workdir, p)
-    summary = read_summary(os.path.join(pdir, SUMMARY))
+    summary = read_summary(paths.join(pdir, SUMMARY))
     if summary is not None:
       log(f"{tag}: skipped, finished earlier: {_result(summary)}")
       continue
-    resume = os.path.isdir(os.path.join(pdir, "checkpoints"))
+    resume = paths.as_path(paths.join(pdir, "checkpoints")).is_dir()
     log(f"{tag}: {'resuming' if resume else 'running'} ({_describe(p)}) in {pdir}")
     t0 = time.time()
     try:

@@ -7,11 +7,13 @@ documents, never crosses the split.
   (`sysconfig.get_paths()["stdlib"]`), without test directories, `site-packages`
   and `__pycache__`. Keys are `stdlib/<path relative to the stdlib root>`, so the
   split is the same on every machine with the same Python version.
-- `text_files`: the comma-separated paths or globs of `data.files` (`**` recurses).
+- `text_files`: the comma-separated paths or globs of `data.files` (`**` recurses), local
+  or URLs (`gs://bucket/corpus/*/*.txt`, read through `routing_lm.paths`; one `*` per
+  directory level there, no `**`).
   Keys are paths relative to the parent of each pattern's literal directory, so they
   keep that directory's name: `/data/c4/**/*.txt` keys `/data/c4/en/a.txt` as
   `c4/en/a.txt`, `books/part-0.txt` keys itself. The split thus stays the same when the
-  corpus is copied to another directory or machine. A file matched by several patterns
+  corpus is copied to another directory, machine or bucket. A file matched by several patterns
   takes its longest key (whatever the patterns' order); two files with one key are an
   error.
 
@@ -38,7 +40,10 @@ import glob
 import hashlib
 import logging
 import os
+import posixpath
 import sysconfig
+
+from routing_lm import paths
 
 log = logging.getLogger("routing_lm.data")
 
@@ -151,24 +156,24 @@ def stdlib_text(max_chars: int = 0, validation_fraction: float = 0.05) -> Corpus
   """The standard library's .py files (no tests, no site-packages) as a Corpus."""
   _check_fraction(validation_fraction)
   root = stdlib_root()
-  paths = {}
+  files = {}
   for dirpath, dirnames, filenames in os.walk(root):
     dirnames[:] = sorted(d for d in dirnames if d not in _EXCLUDED_DIRS)
     for f in filenames:
       if f.endswith(".py"):
         full = os.path.join(dirpath, f)
-        paths["stdlib/" + os.path.relpath(full, root).replace(os.sep, "/")] = full
+        files["stdlib/" + os.path.relpath(full, root).replace(os.sep, "/")] = full
 
   def read(key: str) -> str | None:
-    with open(paths[key], "rb") as fh:
+    with open(files[key], "rb") as fh:
       raw = fh.read()
     try:
       return raw.decode("utf-8").replace("\r\n", "\n")
     except UnicodeDecodeError:
-      log.warning("stdlib_text: skipping %s (not UTF-8)", paths[key])
+      log.warning("stdlib_text: skipping %s (not UTF-8)", files[key])
       return None
 
-  docs = _select(list(paths), read, max_chars)
+  docs = _select(list(files), read, max_chars)
   if not docs:
     raise DataError(
         f"data.task='stdlib_text': no .py files found under the standard library "
@@ -189,8 +194,62 @@ def _key_root(pattern: str) -> str:
   return os.path.dirname(os.path.abspath(head))
 
 
+def _split_url(url: str) -> tuple[str, str]:
+  """'gs://bucket/a/b.txt' -> ('gs://bucket', '/a/b.txt'): the store and a posix path."""
+  scheme, _, rest = url.partition("://")
+  bucket, _, inside = rest.partition("/")
+  return f"{scheme}://{bucket}", "/" + inside
+
+
+def _expand_url(pattern: str) -> tuple[list[str], str]:
+  """(matching file URLs, the URL their keys are relative to) for a gs:// pattern.
+
+  `**` is refused: on an object store every directory level is a listing request.
+  """
+  if "**" in pattern:
+    raise DataError(
+        f"data.files: {pattern!r} uses '**', which a URL pattern does not support (each "
+        "directory level would be a listing request). Fix: use one '*' per level, e.g. "
+        "'gs://bucket/corpus/*/*.txt'.")
+  store, inside = _split_url(pattern)
+  head = posixpath.dirname(inside)
+  while glob.has_magic(head):
+    head = posixpath.dirname(head)
+  if glob.has_magic(inside):
+    found = list(paths.as_path(store + head).glob(posixpath.relpath(inside, head)))
+  else:
+    literal = paths.as_path(pattern)
+    if literal.is_dir():
+      raise DataError(
+          f"data.files: {pattern!r} is a directory. Fix: name its files with a glob, e.g. "
+          f"'{pattern.rstrip('/')}/*.txt'.")
+    found = [literal] if literal.exists() else []
+  files = sorted(os.fspath(m) for m in found if not m.is_dir())
+  return files, store + posixpath.dirname(head)
+
+
+def _expand_local(pattern: str) -> tuple[list[str], str]:
+  """(matching absolute file paths, the folder their keys are relative to)."""
+  expanded = os.path.expanduser(pattern)
+  if os.path.isdir(expanded):
+    raise DataError(
+        f"data.files: {pattern!r} is a directory. Fix: name its files with a glob, e.g. "
+        f"'{pattern.rstrip('/')}/**/*.txt'.")
+  files = [os.path.abspath(m) for m in sorted(glob.glob(expanded, recursive=True))
+           if os.path.isfile(m)]
+  return files, _key_root(expanded)
+
+
+def _relative(path: str, root: str) -> str:
+  """`path` below `root`, with '/' separators (a document key)."""
+  if paths.is_local(path):
+    return os.path.relpath(path, root).replace(os.sep, "/")
+  return path[len(root):].lstrip("/")
+
+
 def expand_files(files: str) -> dict[str, str]:
-  """{key: absolute path} for comma-separated paths or globs (keys: module docstring)."""
+  """{key: absolute path or URL} for comma-separated paths, URLs (gs://) or globs (keys:
+  module docstring)."""
   patterns = [p.strip() for p in (files or "").split(",") if p.strip()]
   if not patterns:
     raise DataError(
@@ -199,20 +258,13 @@ def expand_files(files: str) -> dict[str, str]:
         "or globs).")
   keys: dict[str, str] = {}                       # absolute path -> key
   for p in patterns:
-    expanded = os.path.expanduser(p)
-    if os.path.isdir(expanded):
-      raise DataError(
-          f"data.files: {p!r} is a directory. Fix: name its files with a glob, e.g. "
-          f"'{p.rstrip('/')}/**/*.txt'.")
-    files_only = [m for m in sorted(glob.glob(expanded, recursive=True)) if os.path.isfile(m)]
+    files_only, root = _expand_local(p) if paths.is_local(p) else _expand_url(p)
     if not files_only:
       raise DataError(
           f"data.files: {p!r} matches no files (working directory {os.getcwd()!r}). "
           "Fix: check the path; globs follow Python's glob with `**` for subdirectories.")
-    root = _key_root(expanded)
-    for m in files_only:
-      path = os.path.abspath(m)
-      doc_key = os.path.relpath(path, root).replace(os.sep, "/")
+    for path in files_only:
+      doc_key = _relative(path, root)
       keys[path] = max(keys.get(path, doc_key), doc_key, key=lambda k: (k.count("/"), k))
   out: dict[str, str] = {}
   for path, key in sorted(keys.items()):
@@ -230,17 +282,16 @@ def text_files(files: str, max_chars: int = 0,
                validation_fraction: float = 0.05) -> Corpus:
   """The files named by `data.files` (comma-separated paths/globs) as a Corpus."""
   _check_fraction(validation_fraction)
-  paths = expand_files(files)
+  files_by_key = expand_files(files)
 
   def read(key: str) -> str:
-    path = paths[key]
-    with open(path, "rb") as fh:
-      return _decode(path, fh.read(), "data.files")
+    path = files_by_key[key]
+    return _decode(path, paths.as_path(path).read_bytes(), "data.files")
 
-  docs = _select(list(paths), read, max_chars)
+  docs = _select(list(files_by_key), read, max_chars)
   if not docs:
     raise DataError(
-        f"data.files={files!r} matches {len(paths)} file(s) but they hold no text "
+        f"data.files={files!r} matches {len(files_by_key)} file(s) but they hold no text "
         "(empty or whitespace only). Fix: point data.files at non-empty UTF-8 files.")
   return _split("text_files", docs, validation_fraction, "data.files", files)
 

@@ -16,9 +16,10 @@ run sees exactly the batches of an uninterrupted one.
 
 - Local corpora (stdlib_text, text_files; `ArrayPipeline`): seqio runs once per
   split (no shuffle, one epoch) and the packed rows are cached as .npz in
-  `<cache_dir>/packed/<key>/`, keyed by the corpus content, the tokenizer bytes and
-  seq_len. Step s reads rows `perm_e[i*B:(i+1)*B]` of epoch e = s // steps_per_epoch,
-  i = s % steps_per_epoch, with `perm_e` a permutation seeded by (data.seed, e).
+  `<cache_dir>/packed/<key>/` (a local folder or a URL, through `routing_lm.paths`),
+  keyed by the corpus content, the tokenizer bytes and seq_len. Step s reads rows
+  `perm_e[i*B:(i+1)*B]` of epoch e = s // steps_per_epoch, i = s % steps_per_epoch, with
+  `perm_e` a permutation seeded by (data.seed, e).
   Resuming is O(1), TensorFlow is off the hot path and, on a cache hit, never loaded.
   The last `rows % batch_size` rows of each epoch's permutation are dropped (a
   different subset each epoch). Validation rows use a fixed permutation that does not
@@ -31,15 +32,16 @@ run sees exactly the batches of an uninterrupted one.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import math
-import os
 import time
 from typing import Iterator
 
 import numpy as np
 
+from routing_lm import paths
 from routing_lm.data import corpus as corpus_lib
 from routing_lm.data import tokenizer as tokenizer_lib
 from routing_lm.data.corpus import DataError
@@ -207,10 +209,14 @@ class StreamPipeline(Pipeline):
 
 
 def _save_npz(path: str, arrays: Batch) -> None:
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "wb") as f:
-    np.savez(f, **arrays)
-  os.replace(tmp, path)
+  buf = io.BytesIO()   # zipfile wants a seekable file; an object upload is one write
+  np.savez(buf, **arrays)
+  paths.write_atomic(path, buf.getvalue())
+
+
+def _load_npz(path: str) -> Batch:
+  with paths.as_path(path).open("rb") as f, np.load(f) as z:
+    return {k: z[k] for k in KEYS}
 
 
 def _packed(corpus: corpus_lib.Corpus, tok: tokenizer_lib.Tokenizer, seq_len: int,
@@ -218,16 +224,13 @@ def _packed(corpus: corpus_lib.Corpus, tok: tokenizer_lib.Tokenizer, seq_len: in
   """Packed (train, validation) rows [rows, seq_len] and meta, from cache or seqio."""
   key = hashlib.sha256(json.dumps(
       [FORMAT_VERSION, corpus.fingerprint(), tok.sha256, seq_len]).encode()).hexdigest()[:20]
-  folder = os.path.join(os.path.expanduser(cache_dir), "packed", key)
-  meta_path = os.path.join(folder, "meta.json")
-  if os.path.isfile(meta_path):
-    with open(meta_path) as f:
-      meta = json.load(f)
-    loaded = []
-    for split in ("train", "validation"):
-      with np.load(os.path.join(folder, f"{split}.npz")) as z:
-        loaded.append({k: z[k] for k in KEYS})
-    return loaded[0], loaded[1], meta
+  folder = paths.join(paths.expand(cache_dir), "packed", key)
+  meta_path = paths.join(folder, "meta.json")
+  meta_text = paths.read_text(meta_path)
+  if meta_text is not None:
+    train, val = (_load_npz(paths.join(folder, f"{split}.npz"))
+                  for split in ("train", "validation"))
+    return train, val, json.loads(meta_text)
   from routing_lm.data import tasks   # TensorFlow + seqio, only on a cache miss
   log.info("Materialising %s (train %.2f M chars, validation %.2f M chars) into packed "
            "rows of %d tokens -> %s", corpus.name, corpus.num_chars("train") / 1e6,
@@ -236,9 +239,8 @@ def _packed(corpus: corpus_lib.Corpus, tok: tokenizer_lib.Tokenizer, seq_len: in
   name = tasks.register_local(corpus, tok)
   train = tasks.materialize(name, "train", seq_len)
   val = tasks.materialize(name, "validation", seq_len)
-  os.makedirs(folder, exist_ok=True)
-  _save_npz(os.path.join(folder, "train.npz"), train)
-  _save_npz(os.path.join(folder, "validation.npz"), val)
+  _save_npz(paths.join(folder, "train.npz"), train)
+  _save_npz(paths.join(folder, "validation.npz"), val)
   tokens = train["targets"][train["weights"] > 0]
   meta = {"format": FORMAT_VERSION, "corpus": corpus.name, "seq_len": seq_len,
           "tokenizer": tok.path, "vocab_size": tok.vocab_size,
@@ -247,10 +249,7 @@ def _packed(corpus: corpus_lib.Corpus, tok: tokenizer_lib.Tokenizer, seq_len: in
           "fill": float(train["weights"].mean()) if tokens.size else 0.0,
           "unigram_entropy": unigram_entropy(tokens, tok.vocab_size),
           "seconds": time.time() - t0}
-  tmp = f"{meta_path}.tmp{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(meta, f, indent=1)
-  os.replace(tmp, meta_path)   # written last: its presence marks a complete cache
+  paths.write_atomic(meta_path, json.dumps(meta, indent=1))   # last: marks a complete cache
   log.info("Materialised %d train / %d validation rows (%.1f%% tokens, %.2f M train "
            "tokens) in %.1f s", meta["rows"]["train"], meta["rows"]["validation"],
            100 * meta["fill"], meta["train_tokens"] / 1e6, meta["seconds"])

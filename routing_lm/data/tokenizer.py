@@ -3,7 +3,8 @@
 Ids follow the T5/seqio convention: pad=0, eos=1, unk=2, no bos (seqio's
 LMFeatureConverter shifts inputs right with id 0).
 
-Cache: `<cache_dir>/spm/<key>/spm.model`, where `key` hashes the train split's
+Cache: `<cache_dir>/spm/<key>/spm.model` (cache_dir local or a URL such as gs://, read
+and written through `routing_lm.paths`), where `key` hashes the train split's
 content (`Corpus.fingerprint("train")`), every trainer setting below and the
 sentencepiece version. A second call with the same corpus and settings loads the
 file; any change trains a new model next to the old one. Files are written to a
@@ -33,6 +34,7 @@ import time
 
 import sentencepiece as spm
 
+from routing_lm import paths
 from routing_lm.data.corpus import Corpus, DataError
 
 log = logging.getLogger("routing_lm.data")
@@ -43,7 +45,7 @@ TRAIN_CALLS = 0  # how many models this process trained (tests check reuse)
 
 @dataclasses.dataclass(frozen=True)
 class Tokenizer:
-  path: str          # a local path or gs:// URL that seqio can open
+  path: str          # a local path or gs:// URL that seqio (tf.io.gfile) can open
   vocab_size: int    # pieces in the model, as trained (may be < the requested size)
   sha256: str        # of the model bytes: part of the packed-data cache key
 
@@ -74,13 +76,6 @@ def cache_key(corpus: Corpus, vocab_size: int) -> str:
   return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
-def _write_atomic(path: str, data: bytes) -> None:
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "wb") as f:
-    f.write(data)
-  os.replace(tmp, path)
-
-
 def _from_bytes(path: str, proto: bytes, field: str) -> Tokenizer:
   try:
     sp = spm.SentencePieceProcessor(model_proto=proto)
@@ -95,22 +90,21 @@ def _from_bytes(path: str, proto: bytes, field: str) -> Tokenizer:
   return Tokenizer(path, sp.get_piece_size(), hashlib.sha256(proto).hexdigest())
 
 
+def _read(path: str) -> bytes | None:
+  """The bytes of a local file or URL (routing_lm.paths), None if it is not a file."""
+  try:
+    return paths.as_path(path).read_bytes()
+  except (FileNotFoundError, IsADirectoryError):
+    return None
+
+
 def load(path: str, field: str = "data.spm_model") -> Tokenizer:
   """An existing model file (local path or gs://), checked for the id convention."""
-  path = os.path.expanduser(path)
-  if "://" in path:
-    from routing_lm.data import tasks  # noqa: F401  (loads TF with GPUs hidden)
-    import tensorflow as tf
-    if not tf.io.gfile.exists(path):
-      raise DataError(f"{field}={path!r} does not exist. Fix: check the URL.")
-    with tf.io.gfile.GFile(path, "rb") as f:
-      proto = f.read()
-  else:
-    if not os.path.isfile(path):
-      raise DataError(f"{field}={path!r} is not a file. Fix: give the path of an "
-                      f"existing .model file, or set {field}='' to train one.")
-    with open(path, "rb") as f:
-      proto = f.read()
+  path = paths.expand(path)
+  proto = _read(path)
+  if proto is None:
+    raise DataError(f"{field}={path!r} is not a file. Fix: give the path or URL of an "
+                    f"existing .model file, or set {field}='' to train one.")
   return _from_bytes(path, proto, field)
 
 
@@ -121,12 +115,11 @@ def get_or_train(corpus: Corpus, vocab_size: int, cache_dir: str) -> Tokenizer:
     raise DataError(f"data.vocab_size={vocab_size} is too small; fix: use >= 16 "
                     "(e.g. 2048 for tiny runs, 8192 or 32000 otherwise).")
   key = cache_key(corpus, vocab_size)
-  folder = os.path.join(os.path.expanduser(cache_dir), "spm", key)
-  path = os.path.join(folder, "spm.model")
-  if os.path.isfile(path):
-    with open(path, "rb") as f:
-      return _from_bytes(path, f.read(), "cached tokenizer")
-  os.makedirs(folder, exist_ok=True)
+  folder = paths.join(paths.expand(cache_dir), "spm", key)
+  path = paths.join(folder, "spm.model")
+  cached = _read(path)
+  if cached is not None:
+    return _from_bytes(path, cached, "cached tokenizer")
   lines = _lines(corpus)
   log.info("Training a sentencepiece model (bpe, vocab %d) on %d lines of the %s "
            "train split (%.1f M chars) -> %s", vocab_size, len(lines), corpus.name,
@@ -149,7 +142,7 @@ def get_or_train(corpus: Corpus, vocab_size: int, cache_dir: str) -> Tokenizer:
           "train_chars": corpus.num_chars("train"), "lines": len(lines),
           "requested_vocab_size": int(vocab_size), "vocab_size": tok.vocab_size,
           "settings": trainer_settings(vocab_size), "seconds": time.time() - t0}
-  _write_atomic(os.path.join(folder, "meta.json"), json.dumps(meta, indent=1).encode())
-  _write_atomic(path, proto)
+  paths.write_atomic(paths.join(folder, "meta.json"), json.dumps(meta, indent=1))
+  paths.write_atomic(path, proto)   # written last: its presence marks a complete cache
   log.info("Trained sentencepiece: %d pieces in %.1f s", tok.vocab_size, time.time() - t0)
   return tok
