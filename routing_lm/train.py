@@ -158,6 +158,22 @@ def init_state(s: Setup) -> dict[str, Any]:
     return jax.jit(init, out_shardings=s.state_shardings)()
 
 
+def fit_routers_to_data(s: Setup, state: dict[str, Any],
+                        token_counts: Callable[[], np.ndarray]) -> dict[str, Any]:
+  """A fresh state whose routers' fixed variables are set from the train split's token
+  counts (`Router.fit_to_data`; HASH's `frequency` table). `token_counts` is called only
+  if some router wants the counts."""
+  model = nnx.merge(s.graphdef, state["params"], state["other"])
+  wanting = [r for r in model.routers() if r.wants_token_counts]
+  if not wanting:
+    return state
+  counts = np.asarray(token_counts())
+  for router in wanting:
+    router.fit_to_data(counts)
+  _, _, other = _split(model)
+  return {**state, "other": jax.device_put(other, s.state_shardings["other"])}
+
+
 def step_rng(seed: int, step: jax.Array) -> jax.Array:
   return jax.random.fold_in(jax.random.key(seed), step)
 
@@ -275,7 +291,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, pipeline: Any | None 
         f"vocabulary ({pipe.vocab_size}); set it to at least {pipe.vocab_size}.")
   counts = counting.count(config.model, config.data.seq_len)
   ckpt = checkpoint.Checkpointer(workdir, config, t.checkpoint_every, t.keep_checkpoints)
-  state = ckpt.restore_latest(s.abstract_state) or init_state(s)
+  state = (ckpt.restore_latest(s.abstract_state)
+           or fit_routers_to_data(s, init_state(s), pipe.token_counts))
   start = int(state["step"])
   writer = MetricWriter(workdir)
   if start == 0:

@@ -167,6 +167,30 @@ def test_counts_hand_computed():
   assert (c1.total_params, c1.router_params, c1.num_routed_layers) == (49152, 0, 0)
 
 
+def test_flops_use_the_attention_width_not_d_model():
+  """F's attention-score term is 2 L S h k (Kaplan's d_attn = heads x head size), which
+  differs from d_model when model.head_dim is set: d = 32, 4 heads of 16 (h k = 64)."""
+  m = small_cfg()
+  m.num_heads, m.head_dim = 4, 16
+  c = counting.count(m, seq_len=16)
+  # attention 4 d h k = 4 * 32 * 64 = 8192, FFW 8192 per block: N = 4 * 16384 = 65536.
+  assert c.n_params == 65536
+  # F = 2 N + 2 router (2 layers * 4 * 32 = 256) + 2 L S (h k) = 131072 + 512 + 8192.
+  assert c.flops_per_token == 131072 + 512 + 2 * 4 * 16 * 64
+  assert c.flops_per_token != 131072 + 512 + 2 * 4 * 16 * 32          # the d_model count
+
+
+def test_hash_has_no_router_term():
+  """HASH routes by a fixed table: no router weights in P, no router matmul in F."""
+  c = counting.count(small_cfg(router="hash"), seq_len=16)
+  learned = counting.count(small_cfg(router="topk"), seq_len=16)
+  assert c.router_params == 0
+  assert c.total_params == learned.total_params - learned.router_params == 49152 + 49152
+  assert c.flops_per_token == 2 * 49152 + 2 * 4 * 16 * 32
+  assert c.train_flops_per_token == 6 * 49152
+  assert categorise(build(small_cfg(router="hash")))["router"] == 0
+
+
 @pytest.mark.parametrize("routing", [dict(), dict(top_k=2, granularity=2, router="sbase"),
                                      dict(routing_frequency=1.0, router="rlr"),
                                      dict(num_experts=1)])

@@ -418,3 +418,45 @@ def test_metrics_every_router(name):
   else:
     assert ent > 0.5                                     # small-init router: near uniform
   assert out.expert_ids.dtype == jnp.int32 and out.weights.shape == (t, 1)
+
+
+def test_agreement_is_the_share_routed_as_evaluation_would():
+  """S-BASE's `agreement`: the share of tokens whose balanced (training) expert is the
+  top-1 of the raw scores. Scores that already balance agree fully; scores that all
+  prefer expert 0 can agree for at most 1/E of the tokens."""
+  e, t = 4, 64
+  balanced = jnp.tile(jnp.eye(e) * 5.0, (t // e, 1))                  # token t prefers t % e
+  out = call(identity_router("sbase", e), balanced)
+  assert float(out.metrics["agreement"]) == 1.0
+  skewed = balanced.at[:, 0].add(10.0)                                 # everyone prefers 0
+  out = call(identity_router("sbase", e), skewed)
+  ids = np.asarray(out.expert_ids[:, 0])
+  assert float(out.metrics["agreement"]) == pytest.approx(np.mean(ids == 0)) == 1 / e
+  assert "agreement" not in call(identity_router("sbase", e), balanced, train=False).metrics
+
+
+def test_frequency_hash_balances_token_counts():
+  """`frequency` HASH (Roller et al.): each expert's share of the training tokens is
+  within max(count)/total of 1/E (the longest-processing-time bound; 1e-3 absolute
+  here), on Zipf-like counts where the id-balanced table is 0.05 off."""
+  vocab, e = 2048, 8
+  counts = (1e6 / np.arange(1, vocab + 1) ** 0.8).astype(np.int64)
+  counts = counts[np.random.default_rng(0).permutation(vocab)]        # ids not sorted by count
+  total = counts.sum()
+  tol = counts.max() / total
+  for k in (1, 2):
+    table = hash_router.frequency_table(counts, e, k, seed=42)
+    assert table.shape == (vocab, k) and table.dtype == np.int32
+    share = np.bincount(table[:, 0], weights=counts, minlength=e) / total
+    assert np.all(np.abs(share - 1 / e) <= min(tol, 1e-3)), share
+    assert np.all(table[:, 1:] == (table[:, :1] + np.arange(1, k)) % e)
+  by_ids = hash_router.make_table(vocab, e, 1, "balanced", 42)[:, 0]
+  share_ids = np.bincount(by_ids, weights=counts, minlength=e) / total
+  assert np.max(np.abs(share_ids - 1 / e)) > 0.04                    # what `balanced` gives
+  router = make_router("hash", 8, e, vocab=vocab, method="frequency")
+  assert router.wants_token_counts
+  np.testing.assert_array_equal(np.asarray(router.table[...]), hash_router.make_table(
+      vocab, e, 1, "balanced", 42))                                   # until fitted
+  router.fit_to_data(counts)
+  np.testing.assert_array_equal(np.asarray(router.table[...]),
+                                hash_router.frequency_table(counts, e, 1, 42))

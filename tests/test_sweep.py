@@ -58,8 +58,9 @@ def test_sweep_file_points_and_budget():
 
 
 def test_print_commands_reproduce_each_config(tmp_path, capsys):
+  """Each printed command, parsed as routing_lm.main parses it, builds the point's config."""
   from absl import flags
-  from ml_collections import config_flags
+  from routing_lm import main
   work = tmp_path / "w"
   assert sweep.main([f"--sweep={SWEEP}", f"--workdir={work}", "--print-commands"]) == 0
   out = capsys.readouterr()
@@ -72,10 +73,7 @@ def test_print_commands_reproduce_each_config(tmp_path, capsys):
     argv = ["prog"] + line.split()[3:]
     assert argv[-1] == f"--workdir={work / point.name}"
     fv = flags.FlagValues()
-    config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True,
-                                    sys_argv=argv[:-1])
-    fv.mark_as_parsed()
-    fv(argv[:-1])
+    fv(main.define_config_flag(argv[:-1], fv))
     assert fv.config.to_dict() == point.config.to_dict()
 
 

@@ -197,3 +197,42 @@ def test_tiny_learns_below_unigram_entropy(tmp_path):
   entropy = data.make_pipeline(config.data).unigram_entropy
   assert summary["steps"] == 300
   assert summary["val_loss"] < entropy, (summary["val_loss"], entropy)
+
+
+class SkewedPipeline(SyntheticPipeline):
+  """SyntheticPipeline with the train split's token counts (for HASH's `frequency`)."""
+
+  def token_counts(self):
+    return np.bincount(np.concatenate([self.batch_at(s)["targets"].ravel() for s in range(8)]),
+                       minlength=self.vocab_size)
+
+
+def test_frequency_hash_table_is_fitted_once_and_restored(tmp_path):
+  """A fresh run fits HASH's `frequency` table to the train split's counts; the table is
+  saved with the parameters and a resumed run uses the saved one, not a refit."""
+  from routing_lm.routers import hash as hash_router
+  config = small_config("hash", experts=4, steps=4)
+  config.model.routing.hash.method = "frequency"
+  config.train.checkpoint_every = 2
+  pipe = SkewedPipeline()
+  expected = hash_router.frequency_table(pipe.token_counts(), 4, 1, 42)
+  work = str(tmp_path / "run")
+  train.train(config, work, pipeline=pipe, stop_at=2)
+
+  def tables():
+    from routing_lm.checkpoint import Checkpointer
+    s = train.setup(config)
+    ckpt = Checkpointer(work, s.config, 1, 5)
+    state = ckpt.restore_latest(s.abstract_state, required=True)
+    ckpt.close()
+    return [np.asarray(x) for x in jax.tree.leaves(state["other"]) if x.dtype == np.int32
+            and x.ndim == 2]
+
+  saved = tables()
+  assert len(saved) == 1                                   # one routed layer (R = 0.5, 2 blocks)
+  np.testing.assert_array_equal(saved[0], expected)
+  calls = []
+  pipe.token_counts = lambda: calls.append(1) or np.ones(64, np.int64)   # would refit differently
+  train.train(config, work, pipeline=pipe)
+  assert not calls                                         # resumed: no refit
+  np.testing.assert_array_equal(tables()[0], expected)

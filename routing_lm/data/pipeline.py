@@ -76,6 +76,11 @@ class Pipeline:
   def validation_batches(self, num_batches: int) -> list[Batch]:
     raise NotImplementedError
 
+  def token_counts(self) -> np.ndarray:
+    """[vocab_size] int64: how often each token id is a target in the train split (the
+    same on every host). For routers fitted to the data (HASH's `frequency` table)."""
+    raise NotImplementedError
+
 
 def _host_share(global_batch: int, process_index: int, process_count: int) -> int:
   if global_batch < 1 or global_batch % process_count:
@@ -114,6 +119,10 @@ class ArrayPipeline(Pipeline):
   @property
   def unigram_entropy(self) -> float:
     return self._entropy
+
+  def token_counts(self) -> np.ndarray:
+    t = self._train
+    return np.bincount(t["targets"][t["weights"] > 0], minlength=self.vocab_size)
 
   def arrays(self, split: str) -> Batch:
     """All packed rows of 'train' or 'validation': dict of [rows, seq_len]."""
@@ -197,6 +206,12 @@ class StreamPipeline(Pipeline):
     from routing_lm.data import tasks
     ds = self._ds("validation", shuffle=False, num_epochs=1).take(int(num_batches))
     return list(tasks.iterate(ds))
+
+  def token_counts(self) -> np.ndarray:
+    raise DataError(
+        f"data.task streams its train split ({self.task}): it has no train-split token "
+        "counts, which model.routing.hash.method='frequency' needs. Fix: use method "
+        "'balanced' or 'random', or a local corpus (text_files).")
 
   @property
   def unigram_entropy(self) -> float:

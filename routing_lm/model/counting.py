@@ -5,13 +5,16 @@ sections 1 and 5). All counts exclude embeddings, the output layer and norms
     attention per block   4 d h k                  (q, k, v, o; h heads of size k, h k = d usually)
     FFW per block         2 d d_ff                 (one expert's worth when routed)
     n_params  (N)         L (4 d h k + 2 d d_ff)   the dense-equivalent size (paper's N)
-    total_params (P)      N + n_routed ((E-1) 2 d d_ff + E G d)   experts + router
+    total_params (P)      N + n_routed ((E-1) 2 d d_ff) + router params    experts + router
     active_params_nonemb  N + n_routed (K-1) 2 d d_ff             what one token uses
     total_params_nonemb   P - router params                       (Krajewski's N)
-    router_params         n_routed E G d
-    flops_per_token (F)   2 active + 2 n_routed d E G + 2 L S d   forward, with attention
-                          scores (Kaplan's 2 n_layer n_ctx d_attn) and the router matmul
-    train_flops_per_token 6 active + 14 n_routed d E G           (finegrained Eq. 10)
+    router_params         n_routed x the router's own count       (`Router.num_params`:
+                          d E G for a learned [d, E G] projection, 0 for HASH's table)
+    flops_per_token (F)   2 active + 2 router params + 2 L S h k  forward: the router matmul
+                          and attention scores (Kaplan's 2 n_layer n_ctx d_attn, with the
+                          attention width d_attn = h k, which differs from d in the
+                          paper's 130m: 16 x 64 = 1024 against 896)
+    train_flops_per_token 6 active + 14 router params             (finegrained Eq. 10)
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ import dataclasses
 
 import ml_collections
 
-from routing_lm.expert_dims import expert_dims
+from routing_lm import routers
 from routing_lm.model.transformer import head_dim, routed_layer_indices
 
 
@@ -46,8 +49,10 @@ def count(m: ml_collections.ConfigDict, seq_len: int) -> Counts:
   e, k = r.num_experts, r.top_k
   n_routed = len(routed_layer_indices(layers, r.routing_frequency, e))
   ffw = 2 * d * f
-  n = layers * (4 * d * m.num_heads * head_dim(m) + ffw)
-  router = n_routed * expert_dims(e, k, r.granularity, f).num_experts * d
+  d_attn = m.num_heads * head_dim(m)
+  n = layers * (4 * d * d_attn + ffw)
+  router = n_routed * (routers.get(r.router).num_params(routers.RouterSpec.from_model_config(m))
+                       if n_routed else 0)
   experts_extra = n_routed * (e - 1) * ffw
   active = n + n_routed * (k - 1) * ffw
   return Counts(
@@ -57,6 +62,6 @@ def count(m: ml_collections.ConfigDict, seq_len: int) -> Counts:
       total_params_nonemb=n + experts_extra,
       router_params=router,
       embedding_params=2 * m.vocab_size * d,
-      flops_per_token=2 * active + 2 * router + 2 * layers * seq_len * d,
+      flops_per_token=2 * active + 2 * router + 2 * layers * seq_len * d_attn,
       train_flops_per_token=6 * active + 14 * router,
       num_routed_layers=n_routed)

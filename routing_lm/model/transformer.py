@@ -149,6 +149,10 @@ class Transformer(nnx.Module):
                              out_sharding=("embed", "vocab"))
     self.remat = m.remat
 
+  def routers(self) -> list[Any]:
+    """The router of every routed block, in block order."""
+    return [block.ffw.router for block in self.blocks if block.routed]
+
   def _block(self, block: Block, h, token_ids, segment_ids, positions, train, rng):
     """One block, rematerialised in the backward pass per `model.remat`.
 

@@ -21,7 +21,10 @@ What a router owns, so that no other module ever tests a router's name:
 - `global_scope`: True when it must see all tokens of the batch at once rather than one
   routing group at a time (the model then routes the flattened groups in one call);
 - `policy_gradient_coef`: None, or the weight of the REINFORCE surrogate
-  (`reinforce_surrogate`) that the loss adds for its `log_probs`.
+  (`reinforce_surrogate`) that the loss adds for its `log_probs`;
+- `wants_token_counts` / `fit_to_data(counts)`: a router that sets its fixed variables
+  from the train split's token frequencies (HASH's `frequency` table) says so; the
+  trainer calls `fit_to_data` once, on a fresh run, before the first step.
 
 Adding a router: one file in this package with a `Router` subclass that sets `name`;
 `routers/__init__.py` imports every module here and registers each such class.
@@ -35,6 +38,7 @@ import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from flax import nnx
 
 from routing_lm.errors import require
@@ -56,7 +60,8 @@ class Routing:
 class RouterSpec:
   """What every router is built from: the layer's sizes and the router's config section.
 
-  num_experts and top_k count the layer's experts (E*G, K*G: `routing_lm.expert_dims`).
+  num_experts and top_k count the layer's experts (E*G, K*G: `routing_lm.expert_dims`);
+  granularity is G (for error messages and routers that care).
   """
   d_model: int
   num_experts: int
@@ -64,6 +69,7 @@ class RouterSpec:
   vocab_size: int
   cfg: ml_collections.ConfigDict = dataclasses.field(
       default_factory=ml_collections.ConfigDict)
+  granularity: int = 1
 
   @classmethod
   def from_model_config(cls, m: ml_collections.ConfigDict) -> "RouterSpec":
@@ -71,7 +77,7 @@ class RouterSpec:
     r = m.routing
     dims = expert_dims(r.num_experts, r.top_k, r.granularity, m.d_ff)
     return cls(m.d_model, dims.num_experts, dims.top_k, m.vocab_size,
-               r.get(r.router, ml_collections.ConfigDict()))
+               r.get(r.router, ml_collections.ConfigDict()), r.granularity)
 
 
 class Router(nnx.Module):
@@ -93,14 +99,29 @@ class Router(nnx.Module):
     self.top_k = spec.top_k
 
   @classmethod
+  def num_params(cls, spec: RouterSpec) -> int:
+    """Trained router parameters of one layer: the [d_model, E] projection by default
+    (counted in P and, as its matmul, in F: `model/counting.py`)."""
+    return spec.d_model * spec.num_experts
+
+  @classmethod
   def check_config(cls, spec: RouterSpec) -> None:
     """Raises ConfigError for a section or a layer this router cannot run."""
-    require(spec.top_k <= cls.max_top_k, "model.routing.top_k", spec.top_k,
+    require(spec.top_k <= cls.max_top_k, "model.routing.top_k", spec.top_k // spec.granularity,
             f"router '{cls.name}' routes at most {cls.max_top_k} expert(s) per token "
-            f"(top_k * granularity = {spec.top_k}); pick a router without that limit")
+            f"(top_k * granularity = {spec.top_k}); lower top_k or granularity, or pick "
+            "a router without that limit")
     unknown = sorted(set(spec.cfg) - set(cls.defaults))
     require(not unknown, f"model.routing.{cls.name}", unknown,
             f"unknown field(s); '{cls.name}' has {sorted(cls.defaults) or 'no fields'}")
+
+  @property
+  def wants_token_counts(self) -> bool:
+    """Whether `fit_to_data` uses the train split's token counts."""
+    return False
+
+  def fit_to_data(self, token_counts: np.ndarray) -> None:
+    """Sets fixed (non-trained) variables from the train split's token counts [vocab]."""
 
   def __call__(self, x: jax.Array, token_ids: jax.Array, *, train: bool,
                rng: jax.Array | None) -> Routing:
@@ -136,6 +157,17 @@ def reinforce_surrogate(log_probs: jax.Array, rewards: jax.Array) -> jax.Array:
   n = r.shape[0]
   baseline = (jnp.sum(r) - r) / jnp.maximum(n - 1, 1)
   return -jnp.mean((r - baseline) * log_probs[:, 0])
+
+
+def agreement(expert_ids: jax.Array, logits: jax.Array) -> jax.Array:
+  """Fraction of tokens whose training choice is the one evaluation would make (the
+  top-k of the raw scores, as a set): 1.0 when training routes like evaluation.
+
+  expert_ids [T, k] chosen in training, logits [T, E] -> scalar.
+  """
+  _, eval_ids = jax.lax.top_k(logits, expert_ids.shape[-1])
+  same = jnp.sort(expert_ids, axis=-1) == jnp.sort(eval_ids, axis=-1)
+  return jnp.mean(jnp.all(same, axis=-1).astype(jnp.float32))
 
 
 def routing_metrics(expert_ids: jax.Array, num_experts: int,

@@ -56,6 +56,8 @@ class RLRRouter(base.Router):
     weights = (jax.lax.stop_gradient(jnp.exp(log_probs)) if self.scale_output
                else jnp.ones(ids.shape, jnp.float32))
     metrics = base.routing_metrics(ids, self.num_experts, probs)
+    if train:                         # the sampled expert is the greedy (eval) one
+      metrics["agreement"] = base.agreement(ids, logits)
     aux = {"entropy_bonus": -self.entropy_coef * metrics["entropy"],
            "balance": self.balance_coef * balance_loss(probs, ids)}
     return base.Routing(ids, weights, aux, metrics, log_probs=log_probs)

@@ -19,7 +19,9 @@ is 1-2% below the optimal linear assignment on random scores, with swaps within 
 Evaluation: top-k of the raw scores. Gate: sigmoid(score) of the chosen expert for k = 1
 (BASE layers), softmax over experts for k > 1 (as Megatron-Core's Sinkhorn router).
 No auxiliary loss: balance comes from the assignment. The remaining row-marginal error
-after the last iteration is reported as the metric `sinkhorn_error`.
+after the last iteration is reported as the metric `sinkhorn_error`, and the share of
+tokens whose balanced expert is the one evaluation picks (the top-k of the raw scores)
+as `agreement` (training and evaluation route alike only as far as it is near 1).
 """
 from __future__ import annotations
 
@@ -253,6 +255,7 @@ class SBaseRouter(base.Router):
       else:
         _, ids = jax.lax.top_k(balanced, self.top_k)
       metrics["sinkhorn_error"] = error
+      metrics["agreement"] = base.agreement(ids, logits)
     else:
       _, ids = jax.lax.top_k(logits, self.top_k)
     if self.top_k == 1:

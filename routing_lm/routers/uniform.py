@@ -11,6 +11,10 @@ class UniformRouter(base.Router):
 
   name = "uniform"
 
+  @classmethod
+  def num_params(cls, spec: base.RouterSpec) -> int:
+    return 0
+
   def __call__(self, x, token_ids, *, train, rng):
     t = x.shape[0]
     ids = (jnp.arange(t)[:, None] * self.top_k + jnp.arange(self.top_k)[None, :])
