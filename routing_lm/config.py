@@ -33,7 +33,7 @@ import ml_collections
 from routing_lm.errors import ConfigError, fail, require
 from routing_lm.expert_dims import expert_dims
 
-__all__ = ["ConfigError", "apply_overrides", "load", "load_module", "parse_arg", "resolve",
+__all__ = ["ConfigError", "apply_overrides", "check_field", "load", "load_module", "parse_arg", "resolve",
            "shipped_dir", "split_spec", "validate", "validate_model"]
 
 KNOWN_TASKS = ("stdlib_text", "text_files", "c4")
@@ -100,21 +100,28 @@ def load(spec: str, overrides: Mapping[str, Any] | None = None, *,
   return config
 
 
+def check_field(config: ml_collections.ConfigDict, key: str, where: str) -> Any:
+  """The ConfigDict holding the flattened field `key`; a ConfigError (with the closest
+  name) if the field does not exist."""
+  node, parts = config, key.split(".")
+  for depth, part in enumerate(parts):
+    if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+      parent = ".".join(parts[:depth]) or "<root>"
+      fields = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+      close = difflib.get_close_matches(part, fields, n=1)
+      hint = f" Did you mean {close[0]!r}?" if close else ""
+      raise ConfigError(f"{where}: config.{key} does not exist: config.{parent} has no "
+                        f"field {part!r}.{hint} Fields there: {', '.join(fields)}.")
+    if depth < len(parts) - 1:
+      node = node[part]
+  return node
+
+
 def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, Any],
                     where: str) -> None:
   """Flattened overrides, type-checked; a missing field or a bad type is a ConfigError."""
   for key, value in overrides.items():
-    node, parts = config, key.split(".")
-    for depth, part in enumerate(parts):
-      if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-        parent = ".".join(parts[:depth]) or "<root>"
-        fields = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
-        close = difflib.get_close_matches(part, fields, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ConfigError(f"{where}: config.{key} does not exist: config.{parent} has no "
-                          f"field {part!r}.{hint} Fields there: {', '.join(fields)}.")
-      if depth < len(parts) - 1:
-        node = node[part]
+    node, parts = check_field(config, key, where), key.split(".")
     try:
       config.update_from_flattened_dict({key: value})
     except (TypeError, ValueError) as e:

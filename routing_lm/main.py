@@ -104,6 +104,10 @@ def define_config_flag(argv: Sequence[str],
     raise config_lib.ConfigError("--config is required, e.g. --config=configs/tiny.py or "
                                  "--config=configs/paper.py:130m,sbase,64")
   config = config_lib.load(spec) if spec else ml_collections.ConfigDict()
+  for arg in rest:                     # a misspelt field: name it and the closest one
+    if arg.startswith(("--config.", "-config.")):
+      config_lib.check_field(config, arg.split("config.", 1)[1].split("=", 1)[0],
+                             f"--config={spec}")
   config_flags.DEFINE_config_dict("config", config, CONFIG_HELP, flag_values=flag_values,
                                   sys_argv=rest)
   return rest

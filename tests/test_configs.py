@@ -122,6 +122,10 @@ def test_config_file_flag_passes_arg(form):
   assert fv.config.train.learning_rate == 1e-3
   with pytest.raises(ConfigError, match="does not exist"):
     main.define_config_flag(["prog", "--config=configs/nope.py"], flags.FlagValues())
+  with pytest.raises(ConfigError, match=r"config.model.routing.num_expert does not exist.*"
+                                        r"Did you mean 'num_experts'"):
+    main.define_config_flag(["prog", "--config=configs/tiny.py",
+                             "--config.model.routing.num_expert=4"], flags.FlagValues())
 
 
 @pytest.mark.parametrize("arg, names", [

@@ -321,6 +321,13 @@ def test_undecodable_text_is_a_clear_error(tmp_path):
   _raises(make_cfg(files, tmp_path / "cache"), "data.files", str(bad), "UTF-8", "Fix")
 
 
+def test_binary_file_is_a_clear_error(tmp_path):
+  files = write_corpus(str(tmp_path / "c"))
+  bad = tmp_path / "c" / "image.bin.txt"
+  bad.write_bytes(bytes(range(256)) * 4)
+  _raises(make_cfg(files, tmp_path / "cache"), "data.files", str(bad), "UTF-8", "Fix")
+
+
 def test_other_bad_configs_are_clear_errors(tiny, tmp_path):
   cfg, pipe = tiny
   rows = pipe.num_rows["train"]

@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from routing_lm.config import load_module
-from routing_lm import config as config_lib
+from routing_lm import config as config_lib, routers
 from routing_lm.model import build, counting, routed_layer_indices
 
 base = load_module("configs/base.py")
@@ -285,12 +285,25 @@ BAD = [
     ("model.num_heads", 3, "d_model=128"),
     ("model.routing.granularity", 3, "d_ff=512"),
     ("model.routing.granularity", 0, None),
+    ("model.d_model", 0, ">= 1"),
+    ("model.num_layers", -1, ">= 1"),
+    ("model.vocab_size", 0, ">= 1"),
+    ("data.seq_len", 0, ">= 1"),
+    ("data.batch_size", -4, ">= 1"),
+    ("train.num_steps", 0, ">= 1"),
+    ("model.remat", "yes", "'none', 'full', 'dots'"),
+    ("model.routing.sbase.temperature", 0.0, "> 0"),            # checked by the router
+    ("model.routing.sbase.scope", "all", "'global'"),
+    ("model.routing.hash.method", "md5", "'frequency'"),
 ]
 
 
 @pytest.mark.parametrize("field,value,hint", BAD)
 def test_bad_input_names_field_and_value(field, value, hint):
   c = tiny.get_config()
+  section = field.split(".")[2] if field.startswith("model.routing.") else None
+  if section in routers.REGISTRY:                       # a router's own field: select it
+    c.model.routing.router = section
   config_lib.validate(c)                                # the unmodified config is valid
   node = c
   *parents, leaf = field.split(".")
