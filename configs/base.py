@@ -26,6 +26,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.param_dtype = "float32"
   c.model.rope_base = 10_000.0      # rotary positions (no extra projection; see README)
   c.model.remat = "none"            # backward keeps: none | full (block inputs) | dots
+  # Attention kernel: "auto" = Pallas splash attention when compiling for TPU and seq_len is
+  # a multiple of 128 (never stores [S, S] scores), XLA's dot_product_attention elsewhere;
+  # "xla" or "splash" force one (splash off TPU runs in the slow Pallas interpreter).
+  c.model.attention = "auto"
 
   # ---- routing (paper_spec.md sections 1, 4; finegrained_spec.md section 1) ----
   r = c.model.routing = ml_collections.ConfigDict()
@@ -71,6 +75,11 @@ def get_config() -> ml_collections.ConfigDict:
   t.b2 = 0.95
   t.grad_clip = 1.0
   t.zero1 = True                    # shard the optimizer state over `data`
+  # The loss projects hidden states to logits at most this many tokens at a time (whole
+  # sequence chunks of batch rows x loss_chunk_tokens // rows positions; the backward
+  # recomputes each chunk's logits). 0 = the whole batch at once.
+  t.loss_chunk_tokens = 0
+  t.microbatches = 1                # gradient accumulation: the batch in this many pieces
   t.eval_every = 1_000
   t.eval_batches = 16
   t.checkpoint_every = 1_000

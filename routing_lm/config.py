@@ -233,6 +233,31 @@ def validate_model(c: ml_collections.ConfigDict) -> None:
     routers.get(r.router).check_config(routers.RouterSpec.from_model_config(m))
 
 
+ATTENTION = ("auto", "xla", "splash")
+SPLASH_BLOCK = 128   # the splash kernel's smallest q/kv block (the TPU lane width)
+
+
+def validate_memory(c: ml_collections.ConfigDict) -> None:
+  """Checks the memory levers: `model.attention`, `train.loss_chunk_tokens`,
+  `train.microbatches` (the device split of each microbatch is checked in
+  `train.prepare_config`, which knows the mesh)."""
+  a, seq = _get(c, "model.attention"), c.data.seq_len
+  require(a in ATTENTION, "model.attention", a, f"one of {ATTENTION}")
+  require(a != "splash" or seq % SPLASH_BLOCK == 0, "model.attention", a,
+           f"splash attention tiles the sequence in blocks of {SPLASH_BLOCK}, and "
+           f"data.seq_len={seq} is not a multiple of it; use 'auto' or 'xla', or a multiple "
+           f"of {SPLASH_BLOCK}")
+  _positive_int(c, "train.microbatches")
+  m, batch = c.train.microbatches, c.data.batch_size
+  require(batch % m == 0, "train.microbatches", m,
+           f"it must divide data.batch_size={batch}")
+  chunk = _get(c, "train.loss_chunk_tokens")
+  require(isinstance(chunk, int) and not isinstance(chunk, bool)
+           and (chunk == 0 or chunk >= batch), "train.loss_chunk_tokens", chunk,
+           f"0 (the whole batch at once) or at least data.batch_size={batch} (a chunk holds "
+           "whole-batch slices of loss_chunk_tokens // rows positions)")
+
+
 def validate(c: ml_collections.ConfigDict) -> None:
   """Checks the whole config tree. Raises ConfigError naming the first bad field."""
   validate_model(c)
@@ -252,3 +277,4 @@ def validate(c: ml_collections.ConfigDict) -> None:
   require(tokens % c.model.routing.num_groups == 0, "model.routing.num_groups",
           c.model.routing.num_groups,
           f"it must divide the tokens per batch ({d.batch_size} x {d.seq_len} = {tokens})")
+  validate_memory(c)

@@ -26,7 +26,7 @@ from routing_lm import checkpoint, config as config_lib, parallel
 from routing_lm.routers import reinforce_surrogate
 from routing_lm.metrics import MetricWriter, Progress
 from routing_lm.model import counting
-from routing_lm.model.transformer import Transformer, routed_layer_indices
+from routing_lm.model.transformer import Transformer, routed_layer_indices, unembed_logits
 
 log = logging.getLogger("routing_lm")
 Batch = dict[str, jax.Array]
@@ -55,19 +55,62 @@ def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
   return optax.softmax_cross_entropy_with_integer_labels(logits, targets)
 
 
-def compute_loss(model: Transformer, batch: Batch, rng: jax.Array,
-                 train: bool) -> tuple[jax.Array, dict[str, Any]]:
+def chunked_token_nll(h: jax.Array, unembed: jax.Array, targets: jax.Array,
+                      chunk_tokens: int = 0) -> jax.Array:
+  """Per-token NLL [B, S] from final hidden states h [B, S, d] and unembed [d, V].
+
+  chunk_tokens = 0 (or >= B x S) projects the whole batch at once: [B, S, V] float32
+  logits. Otherwise the sequence is cut into chunks of c = chunk_tokens // B positions
+  (the last one zero-padded), each chunk [B, c] of every row is projected, log-softmaxed
+  and reduced to its NLL in a `lax.map`, and `jax.checkpoint` makes the backward
+  recompute each chunk's logits: at most [B, c, V] logits (and their gradient) are live.
+  Chunks run along the sequence, so the batch axis keeps its data x expert split.
+  """
+  b, s, d = h.shape
+  c = chunk_tokens // b if chunk_tokens else s
+  if c >= s:
+    return token_nll(unembed_logits(h, unembed), targets)
+  if c < 1:
+    raise ValueError(f"loss chunk of {chunk_tokens} tokens is smaller than the batch's {b} "
+                     "rows; raise config.train.loss_chunk_tokens to at least the batch size")
+  n = -(-s // c)
+  pad = n * c - s
+  h = jnp.pad(h, ((0, 0), (0, pad), (0, 0)))
+  targets = jnp.pad(targets, ((0, 0), (0, pad)))
+  hc = parallel.constrain(h.reshape(b, n, c, d).swapaxes(0, 1),
+                          (None, "batch", "length", "embed"))            # [n, B, c, d]
+  tc = targets.reshape(b, n, c).swapaxes(0, 1)                           # [n, B, c]
+
+  @jax.checkpoint
+  def one_chunk(args: tuple[jax.Array, jax.Array]) -> jax.Array:
+    h_i, t_i = args
+    return token_nll(unembed_logits(h_i, unembed), t_i)                  # [B, c]
+
+  nll = jax.lax.map(one_chunk, (hc, tc))                                 # [n, B, c]
+  return nll.swapaxes(0, 1).reshape(b, n * c)[:, :s]
+
+
+def compute_loss(model: Transformer, batch: Batch, rng: jax.Array, train: bool, *,
+                 loss_chunk_tokens: int = 0, token_norm: jax.Array | None = None,
+                 aux_weight: float = 1.0) -> tuple[jax.Array, dict[str, Any]]:
   """The one place that builds the differentiated scalar.
 
-  loss = mean NLL + sum of routers' (already weighted) aux losses
-         + policy_gradient_coef * REINFORCE surrogate of each layer whose router
-           returns log-probabilities (RL-R; `routers.base.Router.policy_gradient_coef`)
+  loss = sum(NLL * weights) / token_norm
+         + aux_weight * (sum of routers' (already weighted) aux losses
+                         + policy_gradient_coef * REINFORCE surrogate of each layer whose
+                           router returns log-probabilities (RL-R;
+                           `routers.base.Router.policy_gradient_coef`))
+
+  token_norm defaults to this batch's token count (max 1), aux_weight to 1: the mean NLL
+  plus the aux losses. A microbatch of a larger batch (`make_train_step`) passes the whole
+  batch's token count and 1 / microbatches, so the microbatches' losses sum to the batch's.
+  The NLL is computed in chunks of `loss_chunk_tokens` tokens (`chunked_token_nll`).
   """
-  logits, layers = model(batch["inputs"], segment_ids=batch["segment_ids"],
-                         positions=batch["positions"], train=train, rng=rng)
+  h, layers = model.hidden(batch["inputs"], segment_ids=batch["segment_ids"],
+                           positions=batch["positions"], train=train, rng=rng)
   w = batch["weights"]
-  nll = token_nll(logits, batch["targets"])
-  n_tokens = jnp.maximum(jnp.sum(w), 1.0)
+  nll = chunked_token_nll(h, model.unembed[...], batch["targets"], loss_chunk_tokens)
+  n_tokens = jnp.maximum(jnp.sum(w), 1.0) if token_norm is None else token_norm
   nll_mean = jnp.sum(nll * w) / n_tokens
   aux_total = jnp.zeros((), jnp.float32)
   aux_terms: dict[str, jax.Array] = {}
@@ -84,7 +127,7 @@ def compute_loss(model: Transformer, batch: Batch, rng: jax.Array,
       aux_total += layer["policy_gradient_coef"] * surrogate
   out = {"nll": nll_mean, "nll_sum": jnp.sum(nll * w), "tokens": jnp.sum(w),
          "aux": aux_terms, "layers": [layer["metrics"] for layer in layers]}
-  return nll_mean + aux_total, out
+  return nll_mean + aux_weight * aux_total, out
 
 
 # ---------------------------------------------------------------- state
@@ -108,7 +151,26 @@ def prepare_config(config: ml_collections.ConfigDict,
   if config.model.routing.num_groups == 1:
     config.model.routing.num_groups = groups
   parallel.validate_mesh(config, mesh)
+  validate_microbatches(config, mesh)
   return config
+
+
+def validate_microbatches(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
+  """Each microbatch must split over the data x expert devices and into the routing groups."""
+  m, batch = config.train.microbatches, config.data.batch_size
+  groups = mesh.shape["data"] * mesh.shape["expert"]
+  rows = batch // m
+  if rows % groups:
+    raise config_lib.ConfigError(
+        f"config.train.microbatches={m} leaves {rows} sequences per microbatch "
+        f"(data.batch_size={batch} / {m}), not divisible by mesh.data x mesh.expert = "
+        f"{groups}; make data.batch_size a multiple of microbatches x {groups}.")
+  r = config.model.routing
+  if r.num_experts > 1 and (rows * config.data.seq_len) % r.num_groups:
+    raise config_lib.ConfigError(
+        f"config.train.microbatches={m}: a microbatch's {rows} x {config.data.seq_len} tokens "
+        f"do not split into model.routing.num_groups={r.num_groups} groups; use fewer "
+        "microbatches or fewer groups.")
 
 
 def _split(model: Transformer) -> tuple[Any, Any, Any]:
@@ -184,14 +246,21 @@ def make_train_step(s: Setup) -> Callable[[dict[str, Any], Batch], tuple[dict[st
   t = s.config.train
   schedule = make_schedule(t)
 
-  def step_fn(state, batch):
-    rng = step_rng(t.seed, state["step"])
-
+  def grad_fn(state, batch, rng, token_norm=None, aux_weight=1.0):
     def loss_fn(params):
       model = nnx.merge(s.graphdef, params, state["other"])
-      return compute_loss(model, batch, rng, train=True)
+      return compute_loss(model, batch, rng, train=True,
+                          loss_chunk_tokens=t.loss_chunk_tokens, token_norm=token_norm,
+                          aux_weight=aux_weight)
+    return jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
 
-    (loss, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+  def step_fn(state, batch):
+    rng = step_rng(t.seed, state["step"])
+    if t.microbatches == 1:
+      (loss, out), grads = grad_fn(state, batch, rng)
+    else:
+      (loss, out), grads = accumulate_grads(grad_fn, state, batch, rng, t.microbatches,
+                                            s.state_shardings["params"])
     updates, opt = s.tx.update(grads, state["opt"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     metrics = {"loss": out["nll"], "total_loss": loss, "aux": out["aux"],
@@ -205,12 +274,48 @@ def make_train_step(s: Setup) -> Callable[[dict[str, Any], Batch], tuple[dict[st
                  out_shardings=(s.state_shardings, None), donate_argnums=(0,))
 
 
+def accumulate_grads(grad_fn: Callable, state: dict[str, Any], batch: Batch, rng: jax.Array,
+                     microbatches: int, param_shardings: Any) -> tuple[tuple[jax.Array, dict], Any]:
+  """Gradient accumulation: the batch in `microbatches` pieces, summed with `lax.scan`.
+
+  Microbatch j takes rows j, j + m, j + 2m, ... (m = microbatches), so each keeps the
+  batch's data x expert split. Each microbatch's loss is its summed weighted NLL over the
+  WHOLE batch's token count, plus its aux losses / m; the summed gradient is therefore
+  exactly the full batch's for the NLL. Aux losses become the mean of per-microbatch
+  values: equal to the full batch's only for routers whose choices are per token (HASH,
+  dense); S-BASE (balanced per group) and top-k's balance loss see fewer tokens at a time,
+  and stochastic routers (RL-R) draw with rng fold_in(step rng, j).
+  Returns ((total loss, out as from compute_loss, nll over the batch), summed grads).
+  """
+  m = microbatches
+  token_norm = jnp.maximum(jnp.sum(batch["weights"]), 1.0)
+  micro = jax.tree.map(
+      lambda x: parallel.constrain(x.reshape(x.shape[0] // m, m, *x.shape[1:]).swapaxes(0, 1),
+                                   (None, "batch", "length")), batch)
+
+  def body(acc, xs):
+    mb, j = xs
+    (loss, out), g = grad_fn(state, mb, jax.random.fold_in(rng, j), token_norm, 1.0 / m)
+    return jax.tree.map(jnp.add, acc, g), (loss, out)
+
+  zeros = jax.tree.map(jnp.zeros_like, state["params"])
+  if parallel.active_mesh() is not None:
+    zeros = jax.lax.with_sharding_constraint(zeros, param_shardings)
+  grads, (losses, outs) = jax.lax.scan(body, zeros, (micro, jnp.arange(m)))
+  mean = lambda tree: jax.tree.map(lambda x: jnp.mean(x, axis=0), tree)
+  out = {"nll": jnp.sum(outs["nll_sum"]) / token_norm, "nll_sum": jnp.sum(outs["nll_sum"]),
+         "tokens": jnp.sum(outs["tokens"]), "aux": mean(outs["aux"]),
+         "layers": mean(outs["layers"])}
+  return (jnp.sum(losses), out), grads
+
+
 def make_eval_step(s: Setup) -> Callable[[dict[str, Any], Batch], dict[str, jax.Array]]:
   """Jitted evaluation: summed NLL and token count of one batch (no token is dropped
   unless `eval_capacity_factor` is set)."""
   def eval_fn(params, other, batch):
     model = nnx.merge(s.graphdef, params, other)
-    _, out = compute_loss(model, batch, jax.random.key(0), train=False)
+    _, out = compute_loss(model, batch, jax.random.key(0), train=False,
+                          loss_chunk_tokens=s.config.train.loss_chunk_tokens)
     return {"nll_sum": out["nll_sum"], "tokens": out["tokens"], "layers": out["layers"]}
   return jax.jit(parallel.on_mesh(s.mesh, eval_fn),
                  in_shardings=(s.state_shardings["params"], s.state_shardings["other"],

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from routing_lm import parallel
+from routing_lm import config as config_lib, parallel
 from routing_lm.model.routed_ffw import DTYPES, RoutedFFW, gelu
 
 
@@ -66,8 +66,101 @@ def rotary(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x.dtype)
 
 
+# The splash kernel tiles q and kv in blocks that are multiples of the TPU lane width
+# (128, `splash_attention_kernel.NUM_LANES`), and a block must divide the sequence.
+SPLASH_MIN_BLOCK = config_lib.SPLASH_BLOCK
+SPLASH_MAX_BLOCK = 512
+
+
+def target_platform() -> str:
+  """The platform being compiled for: the context mesh's devices ("tpu" when compiling for a
+  TPU topology on a CPU host), else the default backend."""
+  mesh = jax.sharding.get_abstract_mesh()
+  device = None if mesh is None or mesh.empty else getattr(mesh, "abstract_device", None)
+  return device.platform if device is not None else jax.default_backend()
+
+
+def resolve_attention(impl: str, seq_len: int) -> str:
+  """`model.attention` -> "xla" or "splash".
+
+  "auto" is splash when compiling for TPU and seq_len is a multiple of 128 (the kernel's
+  smallest block), XLA otherwise (CPU, GPU, short or odd sequences).
+  """
+  if impl == "auto":
+    ok = target_platform() == "tpu" and seq_len % SPLASH_MIN_BLOCK == 0
+    return "splash" if ok else "xla"
+  return impl
+
+
+def splash_block(seq_len: int) -> int:
+  """The largest block in {512, 256, 128} that divides seq_len."""
+  for block in (SPLASH_MAX_BLOCK, 256, SPLASH_MIN_BLOCK):
+    if seq_len % block == 0:
+      return block
+  raise ValueError(f"splash attention needs a sequence length that is a multiple of "
+                   f"{SPLASH_MIN_BLOCK}, got {seq_len}; set config.model.attention='xla'")
+
+
+def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array,
+                  segment_ids: jax.Array) -> jax.Array:
+  """q, k, v [B, S, H, D] -> [B, S, H, D]; materialises the [B, H, S, S] scores."""
+  s = q.shape[1]
+  causal = jnp.tril(jnp.ones((s, s), bool))
+  mask = causal[None] & (segment_ids[:, :, None] == segment_ids[:, None, :])
+  return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None])
+
+
+def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, *,
+                     interpret: bool = False) -> jax.Array:
+  """Causal, segment-masked attention with the Pallas splash kernel (flash-style: the
+  backward recomputes scores block by block, nothing [S, S] is stored).
+
+  q, k, v [B, S, H, D], segment_ids [B, S] -> [B, S, H, D]. Mosaic kernels are not
+  partitioned automatically, so on a multi-device mesh the kernel runs under
+  `jax.shard_map`: batch split like `batch` and heads like `heads` in `parallel.RULES`
+  (the sequence must not be split; the kernel cannot shard kv). `interpret` runs the
+  kernel in the Pallas interpreter (any backend, slow; for tests).
+  """
+  from jax.experimental.pallas.ops.tpu import splash_attention as sa
+
+  scale = q.shape[-1] ** -0.5
+
+  def local(q, k, v, seg):
+    _, s, h, _ = q.shape
+    block = splash_block(s)
+    sizes = sa.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
+                          block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
+                          block_q_dq=block, block_kv_dq=block)
+    mask = sa.MultiHeadMask([sa.CausalMask((s, s))] * h)
+    kernel = sa.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
+                                interpret=interpret)
+    heads_first = lambda x: jnp.swapaxes(x, 1, 2)                    # [B, H, S, D]
+    one = lambda q1, k1, v1, s1: kernel(q1, k1, v1, segment_ids=sa.SegmentIds(s1, s1))
+    out = jax.vmap(one)(heads_first(q * jnp.asarray(scale, q.dtype)), heads_first(k),
+                        heads_first(v), seg)
+    return heads_first(out)
+
+  mesh = parallel.active_mesh()
+  if mesh is None:
+    return local(q, k, v, segment_ids)
+  qkv = parallel.logical_to_spec(("batch", "length", "heads", "kv"))
+  seg = parallel.logical_to_spec(("batch", "length"))
+  if qkv[1] is not None:
+    raise ValueError(f"splash attention cannot split the sequence (parallel.RULES maps "
+                     f"'length' to {qkv[1]!r}); set config.model.attention='xla'")
+  return jax.shard_map(local, mesh=mesh, in_specs=(qkv, qkv, qkv, seg), out_specs=qkv,
+                       check_vma=False)(q, k, v, segment_ids)
+
+
 class Attention(nnx.Module):
-  """Causal multi-head self-attention; packed sequences attend within their segment."""
+  """Causal multi-head self-attention; packed sequences attend within their segment.
+
+  `model.attention` picks the kernel: "xla" (`jax.nn.dot_product_attention` with a
+  [B, 1, S, S] mask; its backward keeps the [B, H, S, S] scores), "splash" (the Pallas
+  TPU kernel, `splash_attention`; interpreted off TPU), or "auto" (the default): splash
+  when compiling for TPU and seq_len is a multiple of 128, XLA elsewhere, so CPU and GPU
+  runs keep the XLA path. Both compute the same function (tests/test_memory.py).
+  """
 
   def __init__(self, m: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
     d, h, k = m.d_model, m.num_heads, head_dim(m)
@@ -82,6 +175,7 @@ class Attention(nnx.Module):
     self.v = nnx.Param(init(rngs.params(), (d, h, k), pd), out_sharding=qkv_axes)
     self.o = nnx.Param(out_init(rngs.params(), (h, k, d), pd), out_sharding=("heads", "kv", "embed"))
     self.rope_base = m.rope_base
+    self.impl = m.attention
 
   def __call__(self, x: jax.Array, segment_ids: jax.Array, positions: jax.Array) -> jax.Array:
     """x [B, S, d] -> [B, S, d]."""
@@ -89,10 +183,10 @@ class Attention(nnx.Module):
     q = rotary(proj(self.q), positions, self.rope_base)
     k = rotary(proj(self.k), positions, self.rope_base)
     v = proj(self.v)
-    s = x.shape[1]
-    causal = jnp.tril(jnp.ones((s, s), bool))
-    mask = causal[None] & (segment_ids[:, :, None] == segment_ids[:, None, :])
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None])        # [B, S, H, D]
+    if resolve_attention(self.impl, x.shape[1]) == "splash":
+      out = splash_attention(q, k, v, segment_ids, interpret=target_platform() != "tpu")
+    else:
+      out = xla_attention(q, k, v, segment_ids)                            # [B, S, H, D]
     return jnp.einsum("bshk,hkd->bsd", out, self.o[...].astype(x.dtype))
 
 
@@ -173,6 +267,20 @@ class Transformer(nnx.Module):
                positions: jax.Array | None = None, train: bool = False,
                rng: jax.Array | None = None) -> tuple[jax.Array, list[dict[str, Any]]]:
     """tokens [B, S] int32 -> (logits [B, S, V] float32, [per routed block aux])."""
+    h, aux = self.hidden(tokens, segment_ids=segment_ids, positions=positions, train=train,
+                         rng=rng)
+    return self.logits_from(h), aux
+
+  def logits_from(self, h: jax.Array) -> jax.Array:
+    """Final hidden states h [..., d] -> logits [..., V] float32."""
+    return unembed_logits(h, self.unembed[...])
+
+  def hidden(self, tokens: jax.Array, *, segment_ids: jax.Array | None = None,
+             positions: jax.Array | None = None, train: bool = False,
+             rng: jax.Array | None = None) -> tuple[jax.Array, list[dict[str, Any]]]:
+    """tokens [B, S] int32 -> (final hidden states [B, S, d] after the last RMSNorm, in the
+    compute dtype; [per routed block aux]). `logits_from` turns them into logits; the loss
+    does that chunk by chunk (train.chunked_token_nll)."""
     b, s = tokens.shape
     if segment_ids is None:
       segment_ids = jnp.ones((b, s), jnp.int32)
@@ -187,9 +295,13 @@ class Transformer(nnx.Module):
                                  jax.random.fold_in(rng, i))
       if block_aux is not None:
         aux.append(block_aux)
-    h = self.final_norm(h)
-    logits = jnp.einsum("bsd,dv->bsv", h, self.unembed[...].astype(h.dtype))
-    return logits.astype(jnp.float32), aux
+    return self.final_norm(h), aux
+
+
+def unembed_logits(h: jax.Array, unembed: jax.Array) -> jax.Array:
+  """h [..., d] (compute dtype) @ unembed [d, V] -> logits [..., V] float32."""
+  logits = jnp.einsum("...d,dv->...v", h, unembed.astype(h.dtype))
+  return logits.astype(jnp.float32)
 
 
 def build(m: ml_collections.ConfigDict, seed: int = 0) -> Transformer:
