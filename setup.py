@@ -2,7 +2,8 @@
 import setuptools
 
 # Ranges that resolve both on Python 3.11 (jax 0.10.2, tested in CI via
-# requirements/ci.txt) and on Python 3.12+ (jax 0.12, Colab and new TPU VMs).
+# requirements/ci.txt) and on Python 3.12+ (jax 0.12, Colab and new TPU VMs; CI's
+# Python 3.13 stage in .ci/run installs by these ranges, unpinned).
 CORE = [
     "jax>=0.10.2,<0.13",
     "flax>=0.12.8,<0.13",

@@ -7,8 +7,10 @@ raised", each test checks numbers the notebook printed.
 """
 import json
 import math
+import os
 import pathlib
 import re
+import sys
 
 import nbformat
 import pandas as pd
@@ -75,6 +77,15 @@ def test_notebooks_are_stored_without_outputs():
         assert cell.outputs == [], f"{where} has outputs: clear them before committing"
         assert cell.execution_count is None, f"{where} has an execution_count"
     assert "widgets" not in nb.metadata, f"{path.name}: widget state is stored"
+
+
+def test_notebook_kernel_is_this_interpreter():
+  """The "python3" kernel that run_notebook starts is the Python running the tests, so each
+  CI stage (3.11, 3.13: .ci/run) runs the notebooks on its own venv, not on a kernelspec
+  that another install left behind."""
+  from jupyter_client.manager import KernelManager
+  command = KernelManager(kernel_name="python3").format_kernel_cmd()
+  assert os.path.abspath(command[0]) == os.path.abspath(sys.executable), command
 
 
 @pytest.mark.slow
