@@ -397,7 +397,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, pipeline: Any | None 
   counts = counting.count(config.model, config.data.seq_len)
   ckpt = checkpoint.Checkpointer(workdir, config, t.checkpoint_every, t.keep_checkpoints)
   state = (ckpt.restore_latest(s.abstract_state)
-           or fit_routers_to_data(s, init_state(s), pipe.token_counts))
+           or fit_routers_to_data(s, init_state(s), lambda: pipe.token_counts()))
   start = int(state["step"])
   writer = MetricWriter(workdir)
   if start == 0:
