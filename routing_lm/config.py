@@ -8,7 +8,7 @@ as given (absolute, or relative to the working directory); a `configs/...` path 
 not there is read from the configs shipped with the package (the repo's top-level
 `configs/` folder, installed as `routing_lm.configs`), so a pip-installed package names
 them the same way. Config files reach their shared pieces the same way:
-`load_module("configs/base.py")`. No `sys.path` changes anywhere.
+`load_module("configs/base.py")`. Nothing edits the import path.
 
 `validate(config)` runs when a run starts (train, eval, sweep points, benchmarks), before
 any array is allocated. It checks types, ranges and the model's internal divisibility;
