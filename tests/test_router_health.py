@@ -48,15 +48,16 @@ def test_z_loss_by_hand(name):
   z = ((ln 4)^2 + (ln 2)^2) / 2 = 2.5 (ln 2)^2; aux = coef * z, the metric is z."""
   logits = jnp.asarray([[math.log(3.0), 0.0], [0.0, 0.0]], jnp.float32)
   z = 2.5 * math.log(2.0) ** 2
-  gd, state = nnx.split(identity_router(name, 2, z_loss_coef=0.01))
-  call = jax.jit(lambda s, x: nnx.merge(gd, s)(x, jnp.zeros((2,), jnp.int32), train=True,
-                                               rng=jax.random.key(0)))
-  out = call(state, logits)
+
+  def call(router):
+    gd, state = nnx.split(router)
+    return jax.jit(lambda s, x: nnx.merge(gd, s)(
+        x, jnp.zeros((2,), jnp.int32), train=True, rng=jax.random.key(0)))(state, logits)
+  out = call(identity_router(name, 2, z_loss_coef=0.01))
   assert float(router_base.z_loss(logits)) == pytest.approx(z, rel=1e-6)
   assert float(out.aux_losses["z_loss"]) == pytest.approx(0.01 * z, rel=1e-6)
   assert float(out.metrics["z_loss"]) == pytest.approx(z, rel=1e-6)
-  gd, state = nnx.split(identity_router(name, 2, z_loss_coef=0.0))
-  out = call(state, logits)
+  out = call(identity_router(name, 2, z_loss_coef=0.0))
   assert "z_loss" not in out.aux_losses and float(out.metrics["z_loss"]) == pytest.approx(z)
 
 
