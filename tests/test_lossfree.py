@@ -89,6 +89,7 @@ def test_bias_step_and_sequence_balance_hand_cases():
   assert "seq_balance" not in call(r, logits, train=False, seq_len=2).aux_losses
 
 
+@pytest.mark.slow
 def test_bias_moves_with_the_global_load_of_the_step():
   """Two routing groups: the bias update uses the load over every token of the batch
   (both groups), recomputed here from the model's own choices."""
