@@ -85,6 +85,10 @@ def get_config() -> ml_collections.ConfigDict:
   t.checkpoint_every = 1_000
   t.keep_checkpoints = 3
   t.log_every = 50
+  # Router collapse alarm (routing_lm/health.py): a warning when one expert takes more
+  # than collapse_share of a layer's tokens at collapse_intervals consecutive log steps.
+  t.collapse_share = 0.5
+  t.collapse_intervals = 3
   t.seed = 0
 
   # ---- mesh (data, expert, model); -1 fills the remaining devices ----

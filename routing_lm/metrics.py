@@ -131,16 +131,21 @@ class MetricWriter:
 
 
 class Progress:
-  """A tqdm bar with step, loss and tokens/s (process 0 only)."""
+  """A tqdm bar with step, loss, tokens/s and router-collapse alarms (process 0 only)."""
 
   def __init__(self, total: int, start: int):
     import jax
     self.bar = tqdm.tqdm(total=total, initial=start, unit="step", dynamic_ncols=True,
                          disable=jax.process_index() != 0, mininterval=1.0)
 
-  def update(self, step: int, loss: float, tokens_per_s: float) -> None:
+  def update(self, step: int, loss: float, tokens_per_s: float,
+             collapsed: list[int] = ()) -> None:
+    """`collapsed`: blocks with an ongoing router-collapse alarm (`health.CollapseAlarm`),
+    shown as `collapse=block 1,3` while it lasts."""
     self.bar.update(step - self.bar.n)
-    self.bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
+    extra = {"collapse": "block " + ",".join(map(str, collapsed))} if collapsed else {}
+    self.bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:,.0f}", **extra,
+                         refresh=False)
 
   def note(self, text: str) -> None:
     self.bar.write(text)

@@ -22,9 +22,10 @@ import numpy as np
 import optax
 from flax import nnx
 
-from routing_lm import checkpoint, config as config_lib, parallel
+from routing_lm import checkpoint, config as config_lib, health, parallel
+from routing_lm.expert_dims import expert_dims
 from routing_lm.routers import reinforce_surrogate
-from routing_lm.metrics import MetricWriter, Progress
+from routing_lm.metrics import MetricWriter, Progress, read_jsonl
 from routing_lm.model import counting
 from routing_lm.model.transformer import Transformer, routed_layer_indices, unembed_logits
 
@@ -240,6 +241,18 @@ def step_rng(seed: int, step: jax.Array) -> jax.Array:
   return jax.random.fold_in(jax.random.key(seed), step)
 
 
+def update_router_state(graphdef: Any, params: Any, other: Any,
+                        layers: list[dict[str, jax.Array]]) -> Any:
+  """The `other` collection after each routed layer's router updated its non-trained
+  state from that layer's step metrics (`routers.base.Router.update_state`; e.g. the
+  loss-free bias). Runs in the train step after the optimizer update, outside the
+  (rematerialised) forward; a router without state leaves `other` unchanged."""
+  model = nnx.merge(graphdef, params, other)
+  for i, metrics in zip(model.routed, layers):
+    model.blocks[i].ffw.router.update_state(metrics)
+  return _split(model)[2]
+
+
 # ---------------------------------------------------------------- steps
 def make_train_step(s: Setup) -> Callable[[dict[str, Any], Batch], tuple[dict[str, Any], dict]]:
   """The jitted step: state, batch -> new state, metrics (state buffers are donated)."""
@@ -263,10 +276,11 @@ def make_train_step(s: Setup) -> Callable[[dict[str, Any], Batch], tuple[dict[st
                                             s.state_shardings["params"])
     updates, opt = s.tx.update(grads, state["opt"], state["params"])
     params = optax.apply_updates(state["params"], updates)
+    other = update_router_state(s.graphdef, params, state["other"], out["layers"])
     metrics = {"loss": out["nll"], "total_loss": loss, "aux": out["aux"],
                "layers": out["layers"], "grad_norm": optax.tree.norm(grads),
                "learning_rate": schedule(state["step"])}
-    return {"params": params, "other": state["other"], "opt": opt,
+    return {"params": params, "other": other, "opt": opt,
             "step": state["step"] + 1}, metrics
 
   batch_sh = parallel.batch_sharding(s.mesh)
@@ -318,6 +332,19 @@ def make_eval_step(s: Setup) -> Callable[[dict[str, Any], Batch], dict[str, jax.
                           loss_chunk_tokens=s.config.train.loss_chunk_tokens)
     return {"nll_sum": out["nll_sum"], "tokens": out["tokens"], "layers": out["layers"]}
   return jax.jit(parallel.on_mesh(s.mesh, eval_fn),
+                 in_shardings=(s.state_shardings["params"], s.state_shardings["other"],
+                               parallel.batch_sharding(s.mesh)))
+
+
+def make_probe_step(s: Setup) -> Callable[..., list[jax.Array]]:
+  """Jitted: params, other, batch -> each routed layer's expert ids [B, S, K], routed in
+  evaluation mode (`health.switched_share`)."""
+  def probe_fn(params, other, batch):
+    model = nnx.merge(s.graphdef, params, other)
+    _, layers = model(batch["inputs"], segment_ids=batch["segment_ids"],
+                      positions=batch["positions"], train=False)
+    return [layer["expert_ids"] for layer in layers]
+  return jax.jit(parallel.on_mesh(s.mesh, probe_fn),
                  in_shardings=(s.state_shardings["params"], s.state_shardings["other"],
                                parallel.batch_sharding(s.mesh)))
 
@@ -378,6 +405,38 @@ def flatten_metrics(metrics: dict[str, Any], routed_layers: list[int]) -> dict[s
   return {k: float(v) for k, v in flat.items()}
 
 
+class RouterHealth:
+  """At each log step: each routed block's `max_share` and `switched` (on a fixed probe
+  batch) and the collapse alarm (`routing_lm.health`)."""
+
+  def __init__(self, s: Setup, routed: list[int], probe_batch: dict[str, np.ndarray],
+               state: dict[str, Any]):
+    t, r = s.config.train, s.config.model.routing
+    self.alarm = health.CollapseAlarm(t.collapse_share, t.collapse_intervals)
+    self.s, self.routed = s, routed
+    self.top_k = expert_dims(r.num_experts, r.top_k, r.granularity, s.config.model.d_ff).top_k
+    self.probe = make_probe_step(s) if routed else None
+    self.batch, self.mask = to_global(s, probe_batch), probe_batch["weights"]
+    self.previous = self._probe(state)
+
+  def _probe(self, state: dict[str, Any]) -> list[np.ndarray]:
+    if self.probe is None:
+      return []
+    with jax.set_mesh(self.s.mesh):
+      return jax.device_get(self.probe(state["params"], state["other"], self.batch))
+
+  def observe(self, step: int, state: dict[str, Any],
+              layers: list[dict[str, np.ndarray]]) -> tuple[dict[str, float], list[str]]:
+    """layers: the step's per-block metrics (host) -> (flat scalars, new alarm messages)."""
+    shares = {b: health.max_share(m["load"], self.top_k) for b, m in zip(self.routed, layers)}
+    current = self._probe(state)
+    flat = {health.SHARE_KEY.format(b): v for b, v in shares.items()}
+    flat.update({health.SWITCHED_KEY.format(b): health.switched_share(p, c, self.mask)
+                 for b, p, c in zip(self.routed, self.previous, current)})
+    self.previous = current
+    return flat, self.alarm.update(step, shares)
+
+
 def train(config: ml_collections.ConfigDict, workdir: str, pipeline: Any | None = None,
           stop_at: int | None = None) -> dict[str, Any]:
   """Trains (resuming from the workdir's latest checkpoint), evaluates, writes summary.json.
@@ -410,6 +469,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, pipeline: Any | None 
   routed = routed_layer_indices(config.model.num_layers, config.model.routing.routing_frequency,
                                 config.model.routing.num_experts)
   tokens_per_step = config.data.batch_size * config.data.seq_len
+  router_health = RouterHealth(s, routed, val_batches[0], state)
+  if start:
+    router_health.alarm.replay(read_jsonl(writer.metrics_path, missing_ok=True), start)
   progress = Progress(t.num_steps, start)
   last_log_time, last_log_step = time.time(), start
   train_loss = float("nan")
@@ -424,7 +486,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, pipeline: Any | None 
       done = step + 1
       pending.append(metrics["loss"])
       if done % t.log_every == 0 or done == t.num_steps:
-        flat = flatten_metrics(jax.device_get(metrics), routed)
+        host_metrics = jax.device_get(metrics)
+        flat = flatten_metrics(host_metrics, routed)
+        health_flat, alarms = router_health.observe(done, state, host_metrics["layers"])
+        flat.update(health_flat)
+        for message in alarms:
+          log.warning(message)
+          progress.note(f"WARNING {message}")
         train_loss = flat["loss"]
         window = [float(x) for x in jax.device_get(pending)]
         history.extend(window)
@@ -436,7 +504,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, pipeline: Any | None 
         flat["tokens_per_s"] = tokens_per_step / flat["step_time"]
         last_log_time, last_log_step = now, done
         writer.write(done, flat)
-        progress.update(done, flat["loss"], flat["tokens_per_s"])
+        progress.update(done, flat["loss"], flat["tokens_per_s"],
+                        collapsed=router_health.alarm.active())
       if done % t.eval_every == 0 or done == t.num_steps:
         val, val_step = evaluate(s, eval_step, state, val_batches), done
         writer.write(done, val)
@@ -462,6 +531,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, pipeline: Any | None 
              "train_flops": counts.train_flops_per_token * int(state["step"]) * tokens_per_step,
              "train_loss": train_loss, "train_loss_smoothed": smoothed,
              "val_loss": val["val_loss"],
+             "collapse_alarms": router_health.alarm.alarms,
              "wall_seconds": earlier_seconds + time.time() - start_time}
   writer.write_summary(summary)
   writer.close()

@@ -74,26 +74,30 @@ class RoutedFFW(nnx.Module):
                            rngs=rngs)
     self.norm = nnx.LayerNorm(m.d_model, rngs=rngs) if r.output_norm else None
 
-  def route(self, x: jax.Array, ids: jax.Array, train: bool, rng: jax.Array) -> routers.Routing:
-    """x [G, T, d], ids [G, T] -> Routing with a leading group axis."""
+  def route(self, x: jax.Array, ids: jax.Array, train: bool, rng: jax.Array,
+            seq_len: int | None = None) -> routers.Routing:
+    """x [G, T, d], ids [G, T] -> Routing with a leading group axis. Each group holds
+    whole sequences of `seq_len` tokens (passed to routers that take it; None: one)."""
     g, t, d = x.shape
+    kw = {"seq_len": seq_len} if self.router.takes_seq_len else {}
     if self.router.global_scope:   # the router sees every token of the batch at once
-      out = self.router(x.reshape(g * t, d), ids.reshape(-1), train=train, rng=rng)
+      out = self.router(x.reshape(g * t, d), ids.reshape(-1), train=train, rng=rng, **kw)
       split = lambda a: a.reshape(g, t, *a.shape[1:])
       return out.replace(expert_ids=split(out.expert_ids), weights=split(out.weights),
                          log_probs=None if out.log_probs is None else split(out.log_probs),
                          metrics=jax.tree.map(lambda a: a[None], out.metrics))  # 1 "group"
-    call = lambda xg, ig, rg: self.router(xg, ig, train=train, rng=rg)
+    call = lambda xg, ig, rg: self.router(xg, ig, train=train, rng=rg, **kw)
     return jax.vmap(call)(x, ids, jax.random.split(rng, g))
 
   def __call__(self, x: jax.Array, token_ids: jax.Array, *, train: bool,
                rng: jax.Array) -> tuple[jax.Array, dict[str, Any]]:
     """x [B, S, d], token_ids [B, S] -> (y [B, S, d], {aux_losses, metrics, log_probs,
-    policy_gradient_coef}) (the last two from `routers.base.Router`)."""
+    policy_gradient_coef, expert_ids [B, S, K]}) (log_probs and policy_gradient_coef from
+    `routers.base.Router`; metrics averaged over the groups: the global load)."""
     b, s, d = x.shape
     g = self.num_groups
     xg = parallel.constrain(x.reshape(g, b * s // g, d), ("group", None, "embed"))
-    routing = self.route(xg, token_ids.reshape(g, -1), train, rng)
+    routing = self.route(xg, token_ids.reshape(g, -1), train, rng, s)
     cf = self.capacity_factor if train else self.eval_capacity_factor
     if cf is None:
       y, dropped = dispatch.ragged(xg.reshape(b * s, d), routing.expert_ids.reshape(b * s, -1),
@@ -116,4 +120,5 @@ class RoutedFFW(nnx.Module):
     aux = {k: jnp.mean(v) for k, v in routing.aux_losses.items()}
     log_probs = None if routing.log_probs is None else routing.log_probs.reshape(b, s, -1)
     return y.reshape(b, s, d), {"aux_losses": aux, "metrics": metrics, "log_probs": log_probs,
-                                "policy_gradient_coef": self.router.policy_gradient_coef}
+                                "policy_gradient_coef": self.router.policy_gradient_coef,
+                                "expert_ids": routing.expert_ids.reshape(b, s, -1)}

@@ -24,7 +24,16 @@ What a router owns, so that no other module ever tests a router's name:
   (`reinforce_surrogate`) that the loss adds for its `log_probs`;
 - `wants_token_counts` / `fit_to_data(counts)`: a router that sets its fixed variables
   from the train split's token frequencies (HASH's `frequency` table) says so; the
-  trainer calls `fit_to_data` once, on a fresh run, before the first step.
+  trainer calls `fit_to_data` once, on a fresh run, before the first step;
+- `takes_seq_len`: True when `__call__` takes `seq_len=` (the routed FFW then passes the
+  sequence length, so the router can split its tokens into whole sequences);
+- `update_state(metrics)`: updates the router's non-trained state (`RouterState`
+  variables) between steps, from its layer's step metrics (global over every routing
+  group). The train step calls it after the optimizer update, outside the model's
+  forward (which may be rematerialised and must not mutate variables).
+
+Router health: every learned router takes a `z_loss_coef` (ST-MoE's router z-loss,
+`z_loss_terms`) and reports the unweighted z as the metric `z_loss`.
 
 Adding a router: one file in this package with a `Router` subclass that sets `name`;
 `routers/__init__.py` imports every module here and registers each such class.
@@ -88,6 +97,7 @@ class Router(nnx.Module):
   max_top_k: ClassVar[int] = 1 << 30
   global_scope: bool = False
   policy_gradient_coef: float | None = None
+  takes_seq_len: ClassVar[bool] = False
 
   def __init_subclass__(cls, **kwargs):
     super().__init_subclass__(**kwargs)
@@ -114,6 +124,10 @@ class Router(nnx.Module):
     unknown = sorted(set(spec.cfg) - set(cls.defaults))
     require(not unknown, f"model.routing.{cls.name}", unknown,
             f"unknown field(s); '{cls.name}' has {sorted(cls.defaults) or 'no fields'}")
+    if "z_loss_coef" in cls.defaults:
+      coef = spec.cfg.get("z_loss_coef", cls.defaults["z_loss_coef"])
+      require(isinstance(coef, (int, float)) and coef >= 0,
+              f"model.routing.{cls.name}.z_loss_coef", coef, "a number >= 0 (0 = off)")
 
   @property
   def wants_token_counts(self) -> bool:
@@ -127,6 +141,17 @@ class Router(nnx.Module):
                rng: jax.Array | None) -> Routing:
     raise NotImplementedError
 
+  def update_state(self, metrics: dict[str, jax.Array]) -> None:
+    """Updates `RouterState` variables from this layer's step metrics (`load` [E] is the
+    global load of the step). Called inside the jitted train step, after the optimizer
+    update. Default: no state, nothing to do."""
+
+
+class RouterState(nnx.Variable):
+  """Router state that the optimizer does not train (it is not an `nnx.Param`) but
+  `Router.update_state` changes between steps: kept in the train state's `other`
+  collection, so it is in every checkpoint and restored bit for bit."""
+
 
 def router_weight(d_model: int, num_experts: int, rngs: nnx.Rngs) -> nnx.Param:
   """A `[d_model, num_experts]` float32 router projection, small init (Switch: 0.1 scale)."""
@@ -138,6 +163,19 @@ def router_weight(d_model: int, num_experts: int, rngs: nnx.Rngs) -> nnx.Param:
 def router_logits(x: jax.Array, w: nnx.Param) -> jax.Array:
   """[tokens, d_model] x [d_model, E] -> [tokens, E] logits in float32."""
   return jnp.dot(x.astype(jnp.float32), w[...])
+
+
+def z_loss(logits: jax.Array) -> jax.Array:
+  """ST-MoE router z-loss mean_t logsumexp(logits_t)^2 for logits [T, E] (float32)."""
+  return jnp.mean(jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1) ** 2)
+
+
+def z_loss_terms(logits: jax.Array, coef: float
+                 ) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
+  """The z-loss of a learned router's logits [T, E]: ({"z_loss": coef * z} if coef > 0
+  else {}, {"z_loss": z}) -> (aux losses, metrics). The metric is always reported."""
+  z = z_loss(logits)
+  return ({"z_loss": coef * z} if coef > 0 else {}), {"z_loss": z}
 
 
 def take(values: jax.Array, ids: jax.Array) -> jax.Array:

@@ -10,7 +10,8 @@ the differentiated scalar) adds the REINFORCE surrogate
 
 with reward r_t = -(token t's next-token NLL) and the leave-one-out baseline
 b_t = mean of the other tokens' rewards (unbiased: b_t does not depend on e_t). The
-router also gets an entropy bonus and a Switch-style balance term on pi, as aux losses.
+router also gets an entropy bonus and a Switch-style balance term on pi, as aux losses,
+and an optional router z-loss on its logits (`z_loss_coef`, default 0).
 """
 from __future__ import annotations
 
@@ -26,12 +27,13 @@ class RLRRouter(base.Router):
   """RL-R: a softmax policy over experts, sampled in training, trained by REINFORCE.
 
   Config (`model.routing.rlr`): entropy_coef, balance_coef, scale_output, reinforce_coef
-  (the weight of `base.reinforce_surrogate` in the loss: `policy_gradient_coef`).
+  (the weight of `base.reinforce_surrogate` in the loss: `policy_gradient_coef`),
+  z_loss_coef (router z-loss, `base.z_loss_terms`; 0 = off).
   """
 
   name = "rlr"
   defaults = {"entropy_coef": 0.01, "balance_coef": 0.01, "scale_output": True,
-              "reinforce_coef": 1.0}
+              "reinforce_coef": 1.0, "z_loss_coef": 0.0}
   max_top_k = 1
 
   def __init__(self, spec: base.RouterSpec, *, rngs: nnx.Rngs):
@@ -42,6 +44,7 @@ class RLRRouter(base.Router):
     self.balance_coef = float(cfg.balance_coef)
     self.scale_output = bool(cfg.scale_output)
     self.policy_gradient_coef = float(cfg.reinforce_coef)
+    self.z_loss_coef = float(cfg.z_loss_coef)
 
   def __call__(self, x, token_ids, *, train, rng):
     logits = base.router_logits(jax.lax.stop_gradient(x), self.w)      # [T, E]
@@ -55,9 +58,10 @@ class RLRRouter(base.Router):
     log_probs = base.take(log_pi, ids)                                  # [T, 1]
     weights = (jax.lax.stop_gradient(jnp.exp(log_probs)) if self.scale_output
                else jnp.ones(ids.shape, jnp.float32))
-    metrics = base.routing_metrics(ids, self.num_experts, probs)
+    z_aux, z_metrics = base.z_loss_terms(logits, self.z_loss_coef)
+    metrics = {**base.routing_metrics(ids, self.num_experts, probs), **z_metrics}
     if train:                         # the sampled expert is the greedy (eval) one
       metrics["agreement"] = base.agreement(ids, logits)
     aux = {"entropy_bonus": -self.entropy_coef * metrics["entropy"],
-           "balance": self.balance_coef * balance_loss(probs, ids)}
+           "balance": self.balance_coef * balance_loss(probs, ids), **z_aux}
     return base.Routing(ids, weights, aux, metrics, log_probs=log_probs)

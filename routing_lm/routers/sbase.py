@@ -18,10 +18,11 @@ partner exchanges the one token each whose exchange gains most (2-opt; the greed
 is 1-2% below the optimal linear assignment on random scores, with swaps within 0.2%).
 Evaluation: top-k of the raw scores. Gate: sigmoid(score) of the chosen expert for k = 1
 (BASE layers), softmax over experts for k > 1 (as Megatron-Core's Sinkhorn router).
-No auxiliary loss: balance comes from the assignment. The remaining row-marginal error
-after the last iteration is reported as the metric `sinkhorn_error`, and the share of
-tokens whose balanced expert is the one evaluation picks (the top-k of the raw scores)
-as `agreement` (training and evaluation route alike only as far as it is near 1).
+No balance loss: balance comes from the assignment (an optional router z-loss,
+`z_loss_coef`, default 0). The remaining row-marginal error after the last iteration is
+reported as the metric `sinkhorn_error`, and the share of tokens whose balanced expert is
+the one evaluation picks (the top-k of the raw scores) as `agreement` (training and
+evaluation route alike only as far as it is near 1).
 """
 from __future__ import annotations
 
@@ -216,11 +217,12 @@ class SBaseRouter(base.Router):
   Config (`model.routing.sbase`): sinkhorn_iters, temperature, balance_rounds (greedy and
   swap rounds after Sinkhorn for k = 1; 0 = plain top-k of the balanced matrix, as
   Megatron), scope ('group': Sinkhorn over each routing group; 'global': over every token
-  of the batch at once).
+  of the batch at once), z_loss_coef (router z-loss, `base.z_loss_terms`; 0 = off).
   """
 
   name = "sbase"
-  defaults = {"sinkhorn_iters": 30, "temperature": 0.1, "balance_rounds": 8, "scope": "group"}
+  defaults = {"sinkhorn_iters": 30, "temperature": 0.1, "balance_rounds": 8, "scope": "group",
+              "z_loss_coef": 0.0}
 
   @classmethod
   def check_config(cls, spec: base.RouterSpec) -> None:
@@ -243,6 +245,7 @@ class SBaseRouter(base.Router):
     self.temperature = float(cfg.temperature)
     self.balance_rounds = int(cfg.balance_rounds)
     self.global_scope = cfg.scope == "global"
+    self.z_loss_coef = float(cfg.z_loss_coef)
 
   def __call__(self, x, token_ids, *, train, rng):
     logits = base.router_logits(x, self.w)                          # [T, E]
@@ -266,4 +269,5 @@ class SBaseRouter(base.Router):
       weights = base.take(probs, ids)
     metrics.update(base.routing_metrics(ids, self.num_experts,
                                         probs if probs is not None else jax.nn.softmax(logits)))
-    return base.Routing(ids.astype(jnp.int32), weights, {}, metrics)
+    aux, z_metrics = base.z_loss_terms(logits, self.z_loss_coef)
+    return base.Routing(ids.astype(jnp.int32), weights, aux, {**metrics, **z_metrics})

@@ -21,8 +21,7 @@ def balance_loss(probs: jax.Array, expert_ids: jax.Array) -> jax.Array:
   return num_experts * jnp.sum(f * probs.mean(axis=0))
 
 
-def z_loss(logits: jax.Array) -> jax.Array:
-  return jnp.mean(jax.nn.logsumexp(logits, axis=-1) ** 2)
+z_loss = base.z_loss    # the shared router z-loss (routers/base.py)
 
 
 class TopKRouter(base.Router):
@@ -42,7 +41,7 @@ class TopKRouter(base.Router):
     logits = base.router_logits(x, self.w)
     probs = jax.nn.softmax(logits, axis=-1)
     weights, ids = jax.lax.top_k(probs, self.top_k)
-    aux = {"balance": self.balance_coef * balance_loss(probs, ids),
-           "z_loss": self.z_loss_coef * z_loss(logits)}
+    z_aux, z_metrics = base.z_loss_terms(logits, self.z_loss_coef)
+    aux = {"balance": self.balance_coef * balance_loss(probs, ids), **z_aux}
     return base.Routing(ids.astype(jnp.int32), weights, aux,
-                        base.routing_metrics(ids, self.num_experts, probs))
+                        {**base.routing_metrics(ids, self.num_experts, probs), **z_metrics})
