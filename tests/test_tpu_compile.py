@@ -140,6 +140,27 @@ def test_levers_follow_the_memory():
   assert any("model.remat=full" in line for line in lines)
 
 
+def test_table_slices_meshes_and_markdown():
+  from routing_lm.bench import tpu_table
+  assert [tpu_table.slice_name("v5e", n) for n in (4, 16, 32)] == ["v5e:2x2", "v5e:4x4", "v5e:4x8"]
+  assert [tpu_table.slice_name("v5p", n) for n in (4, 16, 64)] == [
+      "v5p:2x2x1", "v5p:2x2x4", "v5p:4x4x4"]
+  assert tpu_table.mesh_for(16, 64) == {"data": 1, "expert": 16, "model": 1}
+  assert tpu_table.mesh_for(128, 64) == {"data": 2, "expert": 64, "model": 1}
+  assert tpu_table.mesh_for(16, 1) == {"data": 16, "expert": 1, "model": 1}
+  assert list(tpu_table.rows(["15m"], [1, 64], ["sbase", "hash"])) == [
+      "15m,dense", "15m,sbase,64", "15m,hash,64"]
+  # 16 bytes per parameter before any activation: 130m,E=64 (2.6e9 parameters, 42 GB)
+  # needs 4 v5e chips, 1.3b,E=64 (26.7e9 parameters, 427 GB) 32.
+  assert tpu_table.start_chips("130m,sbase,64", "v5e", 4) == 4
+  assert tpu_table.start_chips("1.3b,sbase,64", "v5e", 4) == 32
+  cells = {"v5e": tpu_table.Cell("v5e:4x8", "8,4,1", 12.2, 0.41),
+           "v5p": tpu_table.Cell(note="no slice up to 1024 chips")}
+  text = tpu_table.markdown({"130m,sbase,64": cells}, ["v5e", "v5p"], "full")
+  assert "| 130m,sbase,64 | v5e:4x8 | 8,4,1 | 12.2 | 0.41 | no slice up to 1024 chips | | | |" in text
+  assert "cannot tell" in text
+
+
 # ---- compiles for TPU (libtpu), in subprocesses ----
 
 # tiny with 2 layers (one routed): the TPU compile of tiny's 4 layers takes over a minute
