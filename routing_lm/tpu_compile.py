@@ -201,6 +201,32 @@ def analytic_train_flops(config: ml_collections.ConfigDict) -> float:
   return 3.0 * (counts.flops_per_token + 2 * m.d_model * m.vocab_size) * d.batch_size * d.seq_len
 
 
+def routed_ffw_flops(config: ml_collections.ConfigDict) -> float:
+  """Train FLOPs of one step's routed FFWs when each token visits its K experts once:
+  3 x n_routed x 4 d d_ff K x tokens (with granularity G: K G experts of width d_ff / G,
+  the same; finegrained_spec.md section 1)."""
+  from routing_lm.model import counting
+  m, d = config.model, config.data
+  n_routed = counting.count(m, d.seq_len).num_routed_layers
+  return 3.0 * n_routed * 4 * m.d_model * m.d_ff * m.routing.top_k * d.batch_size * d.seq_len
+
+
+def dense_fallback_threshold(config: ml_collections.ConfigDict) -> float:
+  """Step FLOPs above which the routed FFWs compute every expert on every token.
+
+  The capacity path adds at most (capacity_factor - 1) x routed FFW FLOPs to the analytic
+  count; a dense per-expert fallback adds (E / K - 1) x. The threshold is the midpoint
+  of the two (inf for a dense model)."""
+  r = config.model.routing
+  if r.num_experts == 1:
+    return float("inf")
+  cf = r.capacity_factor or 1.0
+  routed, analytic = routed_ffw_flops(config), analytic_train_flops(config)
+  capacity = analytic + max(cf - 1.0, 0.0) * routed
+  fallback = analytic + (r.num_experts / r.top_k - 1.0) * routed
+  return (capacity + fallback) / 2
+
+
 @dataclasses.dataclass(frozen=True)
 class Roofline:
   """Per-chip roofline: time = max(flops / peak, bytes / bandwidth) seconds."""
@@ -447,6 +473,10 @@ def format_report(rep: Report) -> list[str]:
   lines.append("FLOPs per train step:")
   lines.append(f"  compiler (cost_analysis, all chips)       {step_flops:.4e}")
   lines.append(f"  analytic (3 x (F + output) x tokens)      {rep.model_flops:.4e}")
+  threshold = dense_fallback_threshold(c)
+  if math.isfinite(threshold) and not t.error:
+    verdict = "no" if step_flops < threshold else "YES: every expert computes every token"
+    lines.append(f"  dense per-expert fallback (compiler FLOPs > {threshold:.4e}): {verdict}")
   if not t.error:
     lines.append("collectives in the train step (count, result bytes per chip):")
     for name, v in t.collectives.items():

@@ -107,6 +107,18 @@ def test_oom_message_figures():
   assert f["arguments"] == pytest.approx(3.26 * GIB)
 
 
+def test_dense_fallback_threshold_hand_case():
+  c = config_lib.load("configs/tiny.py:sbase,8")   # d 128, d_ff 512, 4 layers, 2 routed
+  tokens = 8 * 128
+  routed = 3 * 2 * 4 * 128 * 512 * tokens
+  assert tpu_compile.routed_ffw_flops(c) == routed
+  analytic = tpu_compile.analytic_train_flops(c)
+  capacity, fallback = analytic + 0.25 * routed, analytic + 7 * routed
+  assert tpu_compile.dense_fallback_threshold(c) == pytest.approx((capacity + fallback) / 2)
+  assert tpu_compile.dense_fallback_threshold(config_lib.load("configs/tiny.py:sbase,1")) \
+      == float("inf")
+
+
 def fake_report(train: StepReport | None = None, remat: str = "none", experts: int = 8,
                 microbatches: int | None = None) -> Report:
   c = config_lib.load("configs/tiny.py")
@@ -194,6 +206,9 @@ def test_tiny_compiles_for_v5e_with_an_expert_axis(spec, routed):
   assert float(flops) > 0 and 0 < float(mfu) <= 1
   # S-BASE sends tokens to experts on other chips (all-to-all); dense has nothing to send.
   assert (all_to_alls(proc.stdout) > 0) == routed
+  # The experts compute only their tokens: no dense per-expert fallback.
+  fallback = [l for l in proc.stdout.splitlines() if "dense per-expert fallback" in l]
+  assert [l.split(": ")[-1] for l in fallback] == (["no"] if routed else [])
   assert "TPU_WORKER_HOSTNAMES" not in proc.stdout
 
 
