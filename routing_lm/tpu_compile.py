@@ -20,6 +20,7 @@ See /work/shared/tpu.md for the recipe and its pitfalls.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import os
 import re
@@ -132,6 +133,9 @@ def get_topology(name: str) -> Topology:
   """The compile-only devices of slice `name` (needs libtpu, not a TPU). libtpu refuses
   slices smaller than a host (v5e:1x1): those take the first chips of a 2x2 host."""
   family, chips, name = parse_topology(name)
+  if importlib.util.find_spec("libtpu") is None:
+    raise CompileCheckError(f"--topology={name}: the TPU compiler (libtpu) is not installed; "
+                            "pip install -e '.[tpu]' (jax[tpu] at the installed jax version).")
   host = name
   if chips < 4:
     host = f"{family}:2x2" if family in ("v5e", "v6e") else f"{family}:2x2x1"
@@ -144,11 +148,6 @@ def get_topology(name: str) -> Topology:
     topo = topologies.get_topology_desc(platform="tpu", topology_name=host)
   except Exception as e:   # noqa: BLE001 - libtpu raises RuntimeError/JaxRuntimeError
     text = str(e)
-    if "libtpu" in text.lower() or "not found" in text.lower() or "plugin" in text.lower():
-      raise CompileCheckError(
-          f"--topology={name}: the TPU compiler is not available ({text.splitlines()[0]}); "
-          "install it with pip install -e '.[tpu]' (jax[tpu] at the installed jax "
-          "version).") from e
     raise CompileCheckError(f"--topology={name}: libtpu refused it: {text.splitlines()[0]} "
                             "(slices must match real hosts: one chip is v5e:2x2 with a "
                             "1-device mesh)") from e
@@ -325,8 +324,9 @@ def oom_figures(message: str) -> dict[str, float]:
 
 
 def compile_step(name: str, jitted: Any, args: Sequence[Any]) -> StepReport:
-  """Lowers and compiles `jitted(*args)`; RESOURCE_EXHAUSTED becomes `error` (the
-  temporaries the compiler reports, when it names them, fill `temporaries`)."""
+  """Lowers and compiles `jitted(*args)`; RESOURCE_EXHAUSTED becomes `error`. Then the
+  temporaries are the compiler's figure and the arguments the abstract arguments' shards
+  (libtpu's message names them only sometimes)."""
   t0 = time.perf_counter()
   try:
     compiled = jitted.lower(*args).compile()
@@ -337,7 +337,7 @@ def compile_step(name: str, jitted: Any, args: Sequence[Any]) -> StepReport:
     rep = StepReport(name, time.perf_counter() - t0, error=text[:600])
     figures = oom_figures(text)
     rep.temporaries = int(figures.get("temporaries", 0))
-    rep.arguments = int(figures.get("arguments", 0))
+    rep.arguments = int(figures.get("arguments", shard_bytes(args)))
     rep.available = figures.get("available")
     return rep
   rep = StepReport(name, time.perf_counter() - t0)
@@ -411,8 +411,11 @@ def check(config: ml_collections.ConfigDict, topology: str | Topology) -> Report
   state = s.abstract_state
   batch = abstract_batch(s)
   train_rep = compile_step("train", train.make_train_step(s), (state, batch))
-  eval_rep = compile_step("eval", train.make_eval_step(s),
-                          (state["params"], state["other"], batch))
+  if train_rep.error:     # the answer is known; the eval compile can take longer than train's
+    eval_rep = StepReport("eval", 0.0, error="not compiled: the train step does not fit")
+  else:
+    eval_rep = compile_step("eval", train.make_eval_step(s),
+                            (state["params"], state["other"], batch))
   return Report(s.config, topo, dict(mesh.shape), shard_bytes(state["params"]),
                 shard_bytes(state["opt"]), train_rep, eval_rep, analytic_train_flops(s.config))
 
@@ -461,7 +464,10 @@ def format_report(rep: Report) -> list[str]:
   lines.append(f"  optimizer state     {g(rep.opt_state)}")
   for r in (rep.train, rep.eval):
     if r.error:
-      lines.append(f"  {r.name} step: does not compile ({r.compile_s:.1f} s): {r.error}")
+      what = r.error if r.error.startswith("not compiled") else (
+          f"does not compile ({r.compile_s:.1f} s): {r.error}; arguments {g(r.arguments)}, "
+          f"temporaries {g(r.temporaries)}")
+      lines.append(f"  {r.name} step: {what}")
       continue
     lines.append(f"  {r.name} step ({r.compile_s:.1f} s to compile): arguments {g(r.arguments)}, "
                  f"temporaries {g(r.temporaries)}, outputs not aliased "

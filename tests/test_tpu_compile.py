@@ -96,6 +96,12 @@ def test_bad_topology_is_named(bad, words):
     tpu_compile.parse_topology(bad)
 
 
+def test_missing_libtpu_names_the_install(monkeypatch):
+  monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+  with pytest.raises(tpu_compile.CompileCheckError, match=re.escape("pip install -e '.[tpu]'")):
+    tpu_compile.get_topology("v5e:2x2")
+
+
 def test_oom_message_figures():
   msg = ("RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory "
          "space hbm. Used 66.44G of 15.75G hbm. Exceeded hbm capacity by 50.69G. Total hbm "
