@@ -14,7 +14,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import ml_collections
 import pytest
 
 from routing_lm import config as config_lib, tpu_compile
@@ -54,7 +53,7 @@ def test_chip_table_is_the_published_one():
 
 
 HLO = """
-  %all-to-all.3 = (bf16[2,16,128]{2,1,0}, bf16[2,16,128]{2,1,0}) all-to-all(%a, %b), replica_groups={{0,1}}
+  %all-to-all.3 = (bf16[2,16,128]{2,1,0}, bf16[2,16,128]{2,1,0}) all-to-all(%a, %b), dimensions={0}
   %all-to-all.4 = f32[8,32]{1,0:T(8,128)} all-to-all(%c), dimensions={0}
   %all-gather-start = (f32[64]{0}, f32[256]{0}) all-gather-start(%p), dimensions={0}
   %all-gather-done = f32[256]{0} all-gather-done(%all-gather-start)
@@ -160,7 +159,8 @@ def test_levers_follow_the_memory():
 
 def test_table_slices_meshes_and_markdown():
   from routing_lm.bench import tpu_table
-  assert [tpu_table.slice_name("v5e", n) for n in (4, 16, 32)] == ["v5e:2x2", "v5e:4x4", "v5e:4x8"]
+  assert [tpu_table.slice_name("v5e", n) for n in (4, 16, 32)] == [
+      "v5e:2x2", "v5e:4x4", "v5e:4x8"]
   assert [tpu_table.slice_name("v5p", n) for n in (4, 16, 64)] == [
       "v5p:2x2x1", "v5p:2x2x4", "v5p:4x4x4"]
   assert tpu_table.mesh_for(16, 64) == {"data": 1, "expert": 16, "model": 1}
