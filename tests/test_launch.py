@@ -239,6 +239,48 @@ def test_train_run_workdir_and_overrides():
   assert "~/routing_lm_logs/r1.log" in words
 
 
+def test_train_compiles_for_the_slice_first():
+  proc = launch("train", *TPU, "--bucket", "b", "--config", "configs/paper.py:130m,sbase,64",
+                "--accelerator-type", "v5litepod-16", "--", "--config.mesh.expert=4",
+                "--mode=train", "--config.model.remat=full")
+  check, ssh = printed(proc)
+  assert check == ["python3", "-m", "routing_lm.main", "--mode=compile",
+                   "--config=configs/paper.py:130m,sbase,64", "--topology=v5litepod-16",
+                   "--config.mesh.expert=4", "--config.model.remat=full"]
+  assert ssh[0] == "gcloud"
+  # --topology wins over the accelerator type; --skip-compile-check and no slice skip it.
+  proc = launch("train", *TPU, "--bucket", "b", "--config", "configs/tiny.py",
+                "--accelerator-type", "v5litepod-16", "--topology", "v5e:2x2")
+  assert printed(proc)[0][-1] == "--topology=v5e:2x2"
+  proc = launch("train", *TPU, "--bucket", "b", "--config", "configs/tiny.py",
+                "--accelerator-type", "v5litepod-16", "--skip-compile-check")
+  assert [c[0] for c in printed(proc)] == ["gcloud"] and "skipping" in proc.stderr
+  proc = launch("train", *TPU, "--bucket", "b", "--config", "configs/tiny.py")
+  assert [c[0] for c in printed(proc)] == ["gcloud"]
+  assert "no compile check" in proc.stderr and "--accelerator-type" in proc.stderr
+
+
+@pytest.mark.parametrize("exit_code", [1, 0])
+def test_train_starts_nothing_when_the_check_fails(tmp_path, exit_code):
+  args_file = tmp_path / "args"
+  python = write_exe(tmp_path / "python", f'#!/bin/sh\necho "$PWD $*" > {args_file}\n'
+                     f'echo "fits=false"\nexit {exit_code}\n')
+  calls = tmp_path / "real_calls"
+  write_exe(tmp_path / "real" / "gcloud", f'#!/bin/sh\necho "$@" > {calls}\n')
+  env = {"ROUTING_LM_PYTHON": str(python), "PATH": f"{tmp_path / 'real'}:{os.environ['PATH']}"}
+  proc = launch("train", *TPU, "--bucket", "b", "--config", "configs/tiny.py:hash,8",
+                "--accelerator-type=v5litepod-4", env=env, dry_run=False)
+  assert args_file.read_text().split() == [
+      str(ROOT), "-m", "routing_lm.main", "--mode=compile", "--config=configs/tiny.py:hash,8",
+      "--topology=v5litepod-4"]
+  if exit_code:
+    assert proc.returncode != 0 and "compile check failed" in proc.stderr
+    assert not calls.exists()
+  else:
+    assert proc.returncode == 0, proc.stderr
+    assert calls.read_text().startswith("compute tpus tpu-vm ssh my-tpu")
+
+
 def fake_worker(home):
   """~/routing_lm with a venv whose `python` logs its arguments (and waits for $WAIT_FOR)."""
   write_exe(home / "routing_lm/.venv/bin/python", (
@@ -385,6 +427,9 @@ def test_without_dry_run_gcloud_gets_the_same_arguments(tmp_path):
 def test_readme_shows_what_train_prints():
   readme = (LAUNCH / "README.md").read_text()
   env = {"ROUTING_LM_NAME": "my-tpu", "ROUTING_LM_ZONE": "us-west4-a",
-         "ROUTING_LM_BUCKET": "my-bucket"}
-  proc = launch("train", "--config", "configs/paper.py:130m,sbase,64", env=env)
-  assert proc.returncode == 0 and proc.stdout.strip() in readme.splitlines()
+         "ROUTING_LM_BUCKET": "my-bucket", "ROUTING_LM_ACCELERATOR_TYPE": "v5litepod-32"}
+  proc = launch("train", "--config", "configs/paper.py:130m,sbase,64", "--",
+                "--config.mesh.expert=4", "--config.model.remat=full", env=env)
+  assert proc.returncode == 0
+  lines = proc.stdout.strip().splitlines()
+  assert len(lines) == 2 and all(line in readme.splitlines() for line in lines)
