@@ -43,6 +43,7 @@ def get_config() -> ml_collections.ConfigDict:
   r.eval_capacity_factor = config_dict.placeholder(float)
   r.granularity = 1                 # G: E*G experts of width d_ff/G, K*G per token
   r.output_norm = False             # LayerNorm on the routed FFW's output
+  r.shared_experts = 0              # S always-on experts of width d_ff/G per routed layer
   r.num_groups = 1                  # token groups routed independently (set by the mesh)
   # One section per router with fields, `model.routing.<name>`: each router declares its
   # own (`defaults` in routing_lm/routers/<name>.py, documented there and in README.md).

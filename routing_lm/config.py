@@ -218,6 +218,11 @@ def validate_model(c: ml_collections.ConfigDict) -> None:
     _positive_int(c, f"model.routing.{f}")
   require(r.top_k <= r.num_experts, "model.routing.top_k", r.top_k,
           f"top_k must be <= num_experts={r.num_experts}")
+  se = r.get("shared_experts", 0)
+  require(isinstance(se, int) and not isinstance(se, bool) and se >= 0,
+          "model.routing.shared_experts", se,
+          "an integer >= 0: always-on experts of width d_ff/granularity in every routed layer "
+          "(0 = none)")
   rf = r.routing_frequency
   require(isinstance(rf, (int, float)) and 0 < rf <= 1, "model.routing.routing_frequency", rf,
           "a fraction in (0, 1]: 0.5 routes every other block, 1.0 every block")

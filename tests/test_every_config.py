@@ -39,9 +39,10 @@ def test_every_accepted_config_trains(mesh, tmp_path):
       err = r["error"]
       assert err.startswith("config.") and "is invalid" in err or "not supported" in err, err
       # What is refused, and why: RL-R takes one expert per token (G = 2 means 2);
-      # dropless routing cannot split experts over devices.
+      # dropless routing cannot split experts over devices; expert choice needs a capacity.
       expected = ((p["router"] == "rlr" and p["granularity"] > 1)
-                  or (mesh == "expert" and p["capacity_factor"] is None))
+                  or (mesh == "expert" and p["capacity_factor"] is None)
+                  or (p["router"] == "expert_choice" and p["capacity_factor"] is None))
       assert expected, (p, err)
     else:
       assert r["steps"] == 2

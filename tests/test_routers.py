@@ -29,7 +29,7 @@ def make_router(name, d, e, k=1, vocab=64, seed=0, **overrides):
   cfg = (routing[name].copy_and_resolve_references() if name in routing
          else ml_collections.ConfigDict())
   cfg.update(overrides)
-  spec = routers.RouterSpec(d, e, k, vocab, cfg)
+  spec = routers.RouterSpec(d, e, k, vocab, cfg, capacity_factor=2.0)
   routers.get(name).check_config(spec)
   with nnx.use_eager_sharding(False):
     return routers.get(name)(spec, rngs=nnx.Rngs(params=seed))
@@ -405,7 +405,9 @@ def test_metrics_every_router(name):
   x = jax.random.normal(jax.random.key(0), (t, d))
   tok = jnp.arange(t, dtype=jnp.int32)
   r = make_router(name, d, e, vocab=64)
-  out = call(r, x, tok)
+  # Expert choice picks a variable number of experts per token in training; evaluation
+  # (top-k of the same scores) has the token-choice shape every router shares.
+  out = call(r, x, tok, train=name != "expert_choice")
   load = np.asarray(out.metrics["load"])
   assert load.shape == (e,)
   assert load.sum() == pytest.approx(1.0, abs=1e-6)

@@ -4,7 +4,8 @@ sections 1 and 5). All counts exclude embeddings, the output layer and norms
 
     attention per block   4 d h k                  (q, k, v, o; h heads of size k, h k = d usually)
     FFW per block         2 d d_ff                 (one expert's worth when routed)
-    n_params  (N)         L (4 d h k + 2 d d_ff)   the dense-equivalent size (paper's N)
+    shared_params         n_routed S 2 d d_ff / G  S shared experts of width d_ff/G
+    n_params  (N)         L (4 d h k + 2 d d_ff) + shared   the dense-equivalent size
     total_params (P)      N + n_routed ((E-1) 2 d d_ff) + router params    experts + router
     active_params_nonemb  N + n_routed (K-1) 2 d d_ff             what one token uses
     total_params_nonemb   P - router params                       (Krajewski's N)
@@ -15,6 +16,13 @@ sections 1 and 5). All counts exclude embeddings, the output layer and norms
                           attention width d_attn = h k, which differs from d in the
                           paper's 130m: 16 x 64 = 1024 against 896)
     train_flops_per_token 6 active + 14 router params             (finegrained Eq. 10)
+
+N with shared experts (S > 0): the paper's N is the dense model a routed model is built
+from, i.e. what a token uses at K = 1. A token of a routed layer goes through G routed
+experts' worth (one d_ff FFW) per unit of K plus S always-on experts of width d_ff/G, so
+N counts the shared experts, like the dense layers: N = the dense model whose routed
+layers' FFW is (1 + S/G) d_ff wide. They are in P, active and both FLOP counts the same
+way; the router stays over the E*G routed experts only.
 """
 from __future__ import annotations
 
@@ -23,6 +31,7 @@ import dataclasses
 import ml_collections
 
 from routing_lm import routers
+from routing_lm.expert_dims import expert_dims
 from routing_lm.model.transformer import head_dim, routed_layer_indices
 
 
@@ -33,6 +42,7 @@ class Counts:
   active_params_nonemb: int
   total_params_nonemb: int
   router_params: int
+  shared_params: int
   embedding_params: int
   flops_per_token: int
   train_flops_per_token: int
@@ -49,8 +59,10 @@ def count(m: ml_collections.ConfigDict, seq_len: int) -> Counts:
   e, k = r.num_experts, r.top_k
   n_routed = len(routed_layer_indices(layers, r.routing_frequency, e))
   ffw = 2 * d * f
+  dims = expert_dims(e, k, r.granularity, f)
+  shared = n_routed * r.get("shared_experts", 0) * 2 * d * dims.d_expert
   d_attn = m.num_heads * head_dim(m)
-  n = layers * (4 * d * d_attn + ffw)
+  n = layers * (4 * d * d_attn + ffw) + shared
   router = n_routed * (routers.get(r.router).num_params(routers.RouterSpec.from_model_config(m))
                        if n_routed else 0)
   experts_extra = n_routed * (e - 1) * ffw
@@ -61,6 +73,7 @@ def count(m: ml_collections.ConfigDict, seq_len: int) -> Counts:
       active_params_nonemb=active,
       total_params_nonemb=n + experts_extra,
       router_params=router,
+      shared_params=shared,
       embedding_params=2 * m.vocab_size * d,
       flops_per_token=2 * active + 2 * router + 2 * layers * seq_len * d_attn,
       train_flops_per_token=6 * active + 14 * router,

@@ -11,6 +11,10 @@ second choice), then by token position, so an expert over capacity keeps the ear
 tokens of its best-ranked choices and drops the rest. A dropped assignment contributes
 nothing: the token keeps its residual only (and its other choices, if any).
 
+No assignment: an expert id equal to `num_experts` (for routers that give
+tokens a variable number of experts: expert choice) is sorted after every real one, takes
+no slot and is not counted as dropped; its combine weight must be 0. Capacity path only.
+
 Both gathers have hand-written transposes (custom VJPs): kept assignments and filled
 slots are in one-to-one correspondence, so the backward of each gather is a gather
 through the inverse map instead of a scatter-add (XLA:CPU scatters are slow). The
@@ -46,22 +50,26 @@ class Plan(NamedTuple):
 
 
 def plan(expert_ids: jax.Array, num_experts: int, cap: int) -> Plan:
-  """Sorts assignments `expert_ids [T, K]` by expert and gives each a slot."""
+  """Sorts assignments `expert_ids [T, K]` (values in [0, E], E = no assignment) by expert
+  and gives each a slot."""
   t, k = expert_ids.shape
   flat = expert_ids.T.reshape(-1)                                   # [K*T], choice-major
   order = jnp.argsort(flat, stable=True)
-  counts = jnp.bincount(flat, length=num_experts)
-  starts = jnp.cumsum(counts) - counts                              # [E]
+  counts_all = jnp.bincount(flat, length=num_experts + 1)           # [E + 1]: E = none
+  counts = counts_all[:num_experts]
+  starts = jnp.cumsum(counts_all) - counts_all                      # [E + 1]
   rank = jnp.arange(t * k) - starts[flat[order]]                    # position within expert
   pos = jnp.zeros((t * k,), jnp.int32).at[order].set(rank.astype(jnp.int32))
-  kept = pos < cap
+  real = flat < num_experts
+  kept = (pos < cap) & real
   token_slot = jnp.where(kept, flat * cap + pos, num_experts * cap)
-  slot = starts[:, None] + jnp.arange(cap)[None, :]                 # [E, C]
+  slot = starts[:num_experts, None] + jnp.arange(cap)[None, :]     # [E, C]
   filled = jnp.arange(cap)[None, :] < counts[:, None]
   slot_assign = jnp.where(filled, order[jnp.minimum(slot, t * k - 1)], t * k)
   slot_token = jnp.where(filled, slot_assign % t, t)
+  dropped = jnp.sum(real & ~kept) / jnp.maximum(jnp.sum(real), 1)
   return Plan(order, counts, slot_token, token_slot.reshape(k, t).T,
-              jnp.mean((~kept).astype(jnp.float32)), slot_assign)
+              dropped.astype(jnp.float32), slot_assign)
 
 
 # The kept assignments and the filled slots are in one-to-one correspondence, so the

@@ -5,6 +5,12 @@ section 1) and routes each token to K*G of them; G = 1 is the paper's layer. Tok
 split into `num_groups` groups (one per data x expert device under a mesh); routing and
 capacity are per group, and the dispatch buffer `[groups, E, C, d]` is resharded from
 groups to experts and back, which XLA lowers to two all-to-alls.
+
+Shared experts (DeepSeekMoE; `model.routing.shared_experts` = S, default 0): S always-on
+experts of width d_ff/G that every token goes through, added unweighted to the routed
+output (before `output_norm`). They are one dense FFW of width S*d_ff/G (`SharedFFW`:
+the same function as S separate experts summed, in one matmul pair, sharded like the
+dense FFW).
 """
 from __future__ import annotations
 
@@ -58,6 +64,24 @@ class Experts(nnx.Module):
     return jax.lax.ragged_dot(h, wo, group_sizes)
 
 
+class SharedFFW(nnx.Module):
+  """The shared experts: wi [d_model, width], wo [width, d_model], GELU, logical axes
+  embed/mlp like the dense FFW (width = S * d_ff / G)."""
+
+  def __init__(self, d_model: int, width: int, param_dtype: Any, *, rngs: nnx.Rngs):
+    init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
+    self.wi = nnx.Param(init(rngs.params(), (d_model, width), param_dtype),
+                        out_sharding=("embed", "mlp"))
+    self.wo = nnx.Param(init(rngs.params(), (width, d_model), param_dtype),
+                        out_sharding=("mlp", "embed"))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x [..., d] -> [..., d]; the matmuls run on [tokens, d]."""
+    flat = x.reshape(-1, x.shape[-1])
+    h = gelu(flat @ self.wi[...].astype(x.dtype))
+    return (h @ self.wo[...].astype(x.dtype)).reshape(x.shape)
+
+
 class RoutedFFW(nnx.Module):
   """Routes each token of x [B, S, d] to top_k*granularity experts."""
 
@@ -73,6 +97,9 @@ class RoutedFFW(nnx.Module):
     self.experts = Experts(self.num_experts, m.d_model, d_expert, DTYPES[m.param_dtype],
                            rngs=rngs)
     self.norm = nnx.LayerNorm(m.d_model, rngs=rngs) if r.output_norm else None
+    num_shared = r.get("shared_experts", 0)
+    self.shared = (SharedFFW(m.d_model, num_shared * d_expert, DTYPES[m.param_dtype],
+                             rngs=rngs) if num_shared else None)
 
   def route(self, x: jax.Array, ids: jax.Array, train: bool, rng: jax.Array,
             seq_len: int | None = None) -> routers.Routing:
@@ -113,6 +140,8 @@ class RoutedFFW(nnx.Module):
       out = parallel.constrain(out, ("group", None, None, "embed"))             # all-to-all
       y = jax.vmap(dispatch.gather_out)(out, plan, routing.weights)
       dropped = jnp.mean(plan.dropped)
+    if self.shared is not None:
+      y = y.reshape(b, s, d) + self.shared(x)
     if self.norm is not None:
       y = self.norm(y)
     metrics = jax.tree.map(lambda a: jnp.mean(a, axis=0), routing.metrics)

@@ -70,7 +70,9 @@ class RouterSpec:
   """What every router is built from: the layer's sizes and the router's config section.
 
   num_experts and top_k count the layer's experts (E*G, K*G: `routing_lm.expert_dims`);
-  granularity is G (for error messages and routers that care).
+  granularity is G (for error messages and routers that care);
+  capacity_factor is the training one (`model.routing.capacity_factor`, None = dropless),
+  for routers whose choice depends on the capacity (expert choice).
   """
   d_model: int
   num_experts: int
@@ -79,6 +81,7 @@ class RouterSpec:
   cfg: ml_collections.ConfigDict = dataclasses.field(
       default_factory=ml_collections.ConfigDict)
   granularity: int = 1
+  capacity_factor: float | None = None
 
   @classmethod
   def from_model_config(cls, m: ml_collections.ConfigDict) -> "RouterSpec":
@@ -86,7 +89,8 @@ class RouterSpec:
     r = m.routing
     dims = expert_dims(r.num_experts, r.top_k, r.granularity, m.d_ff)
     return cls(m.d_model, dims.num_experts, dims.top_k, m.vocab_size,
-               r.get(r.router, ml_collections.ConfigDict()), r.granularity)
+               r.get(r.router, ml_collections.ConfigDict()), r.granularity,
+               r.capacity_factor)
 
 
 class Router(nnx.Module):
@@ -213,12 +217,13 @@ def routing_metrics(expert_ids: jax.Array, num_experts: int,
   """Metrics every router reports.
 
   load:        [E] fraction of the (token, choice) assignments each expert received
+               (ids equal to E are no assignment: expert choice's unused slots)
   max_load:    max(load) * E (1.0 = perfectly balanced)
   dead_experts fraction of experts that received nothing
   entropy:     mean per-token entropy of the router's distribution (nats; 0 if fixed)
   """
   counts = jnp.bincount(expert_ids.reshape(-1), length=num_experts)
-  load = counts / jnp.maximum(expert_ids.size, 1)
+  load = counts / jnp.maximum(jnp.sum(counts), 1)
   if probs is None:
     entropy = jnp.zeros((), jnp.float32)
   else:
