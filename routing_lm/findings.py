@@ -301,11 +301,11 @@ def finding_2(table: pd.DataFrame, gain: dict[tuple[float, str, int], Difference
     if f is None or f.fit is None:
       c_text = f"no fit ({f.reason if f else 'no rows'})"
     elif not f.fit.intervals:
-      c_text = f"c = {f.fit.c:.4f}, no bootstrap interval (--n_bootstrap=0)"
+      c_text = f"fit c = {f.fit.c:.4f}, no bootstrap interval (--n_bootstrap=0)"
     else:
       lo, hi = f.fit.intervals["c"]
       lines.append("shrinks" if lo > 0 else "grows" if hi < 0 else "unclear")
-      c_text = f"c = {f.fit.c:.4f} [{lo:.4f}, {hi:.4f}] ({lines[-1]})"
+      c_text = f"fit c = {f.fit.c:.4f} [{lo:.4f}, {hi:.4f}] ({lines[-1]})"
     sizes = sorted({k[0] for k in cells})
     e_max = max(k[2] for k in cells)
     d_text = "one size only"
@@ -337,7 +337,7 @@ def finding_2(table: pd.DataFrame, gain: dict[tuple[float, str, int], Difference
       why = "the evidence conflicts" if lines.count("shrinks") and lines.count("grows") \
           else "no interval excludes zero"
     per_router[router] = v
-    reasons.append(f"{router}: {v}: fit {c_text}; {d_text}" + (f"; {why}" if why else ""))
+    reasons.append(f"{router}: {v}: {c_text}; {d_text}" + (f"; {why}" if why else ""))
   return (Finding(2, "the gain from routing shrinks as N grows (c > 0)",
                   _combine(list(per_router.values())), tuple(reasons), per_router), trend)
 
