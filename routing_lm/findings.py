@@ -68,6 +68,7 @@ MARGIN = 0.01          # nats: the half-width within which two losses count as e
 CONFIDENCE = 0.95
 BEST = "sbase"         # finding 3's router
 COLUMNS = ("router", "num_experts", "n_params", "seed")
+E_START_BOUNDS, E_MAX_BOUNDS = (1.0, 16.0), (16.0, 1e5)   # fit_routed's search box
 
 
 # ---------------------------------------------------------------------------------------
@@ -268,7 +269,8 @@ def fit_routers(table: pd.DataFrame, n_bootstrap: int = scaling.N_BOOTSTRAP,
       continue
     try:
       fit = scaling.fit_routed(rows, n_bootstrap=n_bootstrap, percentiles=pct, seed=seed,
-                               leave_out=False)
+                               leave_out=False, e_start_bounds=E_START_BOUNDS,
+                               e_max_bounds=E_MAX_BOUNDS)
     except ValueError as e:
       out[router] = RouterFit(router, None, str(e))
       continue
@@ -457,8 +459,16 @@ def _fit_table(fits: dict[str, RouterFit]) -> str:
       v = getattr(f.fit, k)
       lo_hi = f.fit.intervals.get(k)
       cells.append(f"{v:.4g}" + ("" if lo_hi is None else f" [{lo_hi[0]:.4g}, {lo_hi[1]:.4g}]"))
-    rows.append([router, *cells, f"{f.fit.rmse:.4f}", f.fit.n_points, ""])
+    rows.append([router, *cells, f"{f.fit.rmse:.4f}", f.fit.n_points, _bound_note(f.fit)])
   return _md(["router", *names, "RMSE", "n", "note"], rows)
+
+
+def _bound_note(fit: scaling.RoutedFit) -> str:
+  """Names E_start / E_max when the fit stopped on the edge of its search box."""
+  on = [name for name, v, box in (("E_start", fit.e_start, E_START_BOUNDS),
+                                  ("E_max", fit.e_max, E_MAX_BOUNDS))
+        if any(np.isclose(v, edge, rtol=1e-6) for edge in box)]
+  return f"{' and '.join(on)} on a bound: not identified" if on else ""
 
 
 def _cell_comparisons(per_cell: dict[tuple[str, float, int], Difference], best: str) -> str:

@@ -164,6 +164,12 @@ def test_bad_tables_name_the_fix():
     findings.load_table(df.assign(seed=df["seed"] + 0.5))
 
 
+def test_fit_on_a_bound_is_flagged(paper_like):
+  # HASH's planted step at E > 1 drives E_max to the box's lower edge (16).
+  assert findings._bound_note(paper_like.fits["hash"].fit) == "E_max on a bound: not identified"
+  assert findings._bound_note(paper_like.fits["sbase"].fit) == ""
+
+
 def test_one_size_has_no_fit():
   report = analyse(seeded_table({"sbase": (laws.SBASE, 0.0)}, sizes=(1e7,)))
   assert report.fits["sbase"].fit is None and "2 sizes" in report.fits["sbase"].reason
