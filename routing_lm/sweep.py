@@ -66,7 +66,7 @@ RESULT_COLUMNS = (
 EXTRA_COLUMNS = (
     "router_params", "shared_params", "embedding_params", "train_flops_per_token", "num_routed_layers",
     "d_model", "num_layers", "num_heads", "d_ff", "vocab_size", "seq_len", "batch_size",
-    "learning_rate", "capacity_factor", "output_norm", "workdir")
+    "learning_rate", "capacity_factor", "output_norm", "seed", "workdir")
 COLUMNS = ("name",) + RESULT_COLUMNS + EXTRA_COLUMNS
 SUMMARY = metrics.SUMMARY   # each run's summary.json (routing_lm.metrics)
 RESULTS = "results.csv"
@@ -270,7 +270,7 @@ def result_row(name: str, summary: dict[str, Any], workdir: str = "") -> dict[st
              d_ff=m["d_ff"], vocab_size=m["vocab_size"], seq_len=d["seq_len"],
              batch_size=d["batch_size"], learning_rate=t["learning_rate"],
              capacity_factor=r.get("capacity_factor"), output_norm=r.get("output_norm"),
-             workdir=workdir)
+             seed=t.get("seed", 0), workdir=workdir)
   return {k: row.get(k) for k in COLUMNS}
 
 
