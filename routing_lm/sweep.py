@@ -64,7 +64,8 @@ RESULT_COLUMNS = (
     "train_loss_smoothed", "wall_seconds")
 # Useful context after the contract's columns.
 EXTRA_COLUMNS = (
-    "router_params", "shared_params", "embedding_params", "train_flops_per_token", "num_routed_layers",
+    "router_params", "shared_params", "embedding_params", "train_flops_per_token",
+    "num_routed_layers",
     "d_model", "num_layers", "num_heads", "d_ff", "vocab_size", "seq_len", "batch_size",
     "learning_rate", "capacity_factor", "output_norm", "seed", "workdir")
 COLUMNS = ("name",) + RESULT_COLUMNS + EXTRA_COLUMNS
