@@ -61,6 +61,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from routing_lm import scaling
+from routing_lm.fit import json_default
 from routing_lm.scaling import stats
 
 HOLDS, FAILS, UNKNOWN = "holds", "fails", "cannot be told"
@@ -625,7 +626,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   print(text)
   (out / "findings.md").write_text(text + "\n")
   (out / "findings.json").write_text(json.dumps(report.to_json(), indent=1,
-                                                default=_json_default))
+                                                default=json_default))
   if not args.no_plots:
     for router in sorted(set(table["router"]) - {"dense"}):
       plot_loss_vs_experts(report.cells, router, out / f"{router}_loss_vs_experts.png")
@@ -634,12 +635,6 @@ def main(argv: Sequence[str] | None = None) -> int:
   print(f"\nwrote {out / 'findings.md'}, {out / 'findings.json'}"
         + ("" if args.no_plots else " and plots"))
   return 0
-
-
-def _json_default(x):
-  if isinstance(x, np.generic):
-    return x.item()
-  raise TypeError(f"not JSON serialisable: {type(x).__name__}")
 
 
 if __name__ == "__main__":

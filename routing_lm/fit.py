@@ -258,12 +258,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 2
   out.mkdir(parents=True, exist_ok=True)
   result["results"] = str(args.results)
-  (out / "fits.json").write_text(json.dumps(result, indent=1, default=_json_default))
+  (out / "fits.json").write_text(json.dumps(result, indent=1, default=json_default))
   print(f"\nwrote {out / 'fits.json'}")
   return 0
 
 
-def _json_default(x):
+def json_default(x):
   if isinstance(x, np.generic):
     return x.item()
   raise TypeError(f"not JSON serialisable: {type(x).__name__}")

@@ -31,6 +31,21 @@ BATCH, SEQ, STEPS = 16, 64, 200
 TOKENS = BATCH * SEQ * STEPS
 
 
+# Every point's overrides (configs/sweeps/cpu_paper.py reuses them).
+OVERRIDES = {
+    "model.vocab_size": 2048,
+    "model.routing.top_k": 1,
+    "model.routing.routing_frequency": 0.5,
+    "model.routing.capacity_factor": 2.0,
+    "data.task": "stdlib_text", "data.seq_len": SEQ, "data.batch_size": BATCH,
+    "data.max_chars": 4_000_000,
+    "train.learning_rate": 3e-3, "train.warmup_steps": 30,
+    "train.eval_every": 100_000, "train.eval_batches": 16,
+    "train.checkpoint_every": 100, "train.keep_checkpoints": 1,
+    "train.log_every": 2,   # train_loss_smoothed: mean of the last 10% of logged steps
+}
+
+
 def _shape(size):
   d, layers, heads = SIZES[size]
   return {"model.d_model": d, "model.num_layers": layers, "model.num_heads": heads,
@@ -47,21 +62,5 @@ def get_sweep():
         points.append({"name": f"{size}_{router}_e{e}",
                        "overrides": {**_shape(size), "model.routing.router": router,
                                      "model.routing.num_experts": e}})
-  return {
-      "name": "cpu_mini",
-      "config": "configs/tiny.py",
-      "overrides": {
-          "model.vocab_size": 2048,
-          "model.routing.top_k": 1,
-          "model.routing.routing_frequency": 0.5,
-          "model.routing.capacity_factor": 2.0,
-          "data.task": "stdlib_text", "data.seq_len": SEQ, "data.batch_size": BATCH,
-          "data.max_chars": 4_000_000,
-          "train.learning_rate": 3e-3, "train.warmup_steps": 30,
-          "train.eval_every": 100_000, "train.eval_batches": 16,
-          "train.checkpoint_every": 100, "train.keep_checkpoints": 1,
-          "train.log_every": 2,   # train_loss_smoothed: mean of the last 10% of logged steps
-      },
-      "tokens": TOKENS,
-      "points": points,
-  }
+  return {"name": "cpu_mini", "config": "configs/tiny.py", "overrides": OVERRIDES,
+          "tokens": TOKENS, "points": points}

@@ -42,21 +42,15 @@ at d = 64 / 96 / 128 (cpu_mini: 17-33 s per 200-step run; cpu_granularity at d =
 (docs/benchmarks.md). A machine under load takes up to twice as long: run it in parts.
 """
 
-SIZES = {   # name -> (d_model, num_layers, num_heads)
-    "s": (64, 2, 2),
-    "m": (96, 2, 3),
-    "l": (128, 2, 4),
-}
+from routing_lm.config import load_module
+
+cpu_mini = load_module("configs/sweeps/cpu_mini.py")   # the same shapes and setup
+
+SIZES, ROUTERS, BATCH, SEQ = cpu_mini.SIZES, cpu_mini.ROUTERS, cpu_mini.BATCH, cpu_mini.SEQ
+_shape = cpu_mini._shape
 EXPERTS = (4, 16, 64)
-ROUTERS = ("sbase", "hash", "rlr")
 SEEDS = (0, 1, 2)
-BATCH, SEQ, STEPS = 16, 64, 600
-
-
-def _shape(size: str) -> dict:
-  d, layers, heads = SIZES[size]
-  return {"model.d_model": d, "model.num_layers": layers, "model.num_heads": heads,
-          "model.d_ff": 4 * d}
+STEPS = 600
 
 
 def points(sizes=tuple(SIZES), experts=EXPERTS, routers=ROUTERS, seeds=SEEDS) -> list[dict]:
@@ -80,18 +74,9 @@ def make_sweep(steps: int = STEPS, name: str = "cpu_paper", **grid) -> dict:
   return {
       "name": name,
       "config": "configs/tiny.py",
-      "overrides": {
-          "model.vocab_size": 2048,
-          "model.routing.top_k": 1,
-          "model.routing.routing_frequency": 0.5,
-          "model.routing.capacity_factor": 2.0,
-          "data.task": "stdlib_text", "data.seq_len": SEQ, "data.batch_size": BATCH,
-          "data.max_chars": 4_000_000,
-          "train.learning_rate": 3e-3, "train.warmup_steps": min(30, max(1, steps // 10)),
-          "train.eval_every": 100_000, "train.eval_batches": 16,
-          "train.checkpoint_every": 200, "train.keep_checkpoints": 1,
-          "train.log_every": 2,   # train_loss_smoothed: mean of the last 10% of logged steps
-      },
+      "overrides": {**cpu_mini.OVERRIDES,
+                    "train.warmup_steps": min(30, max(1, steps // 10)),
+                    "train.checkpoint_every": 200},
       "tokens": BATCH * SEQ * steps,
       "points": points(**grid),
   }
