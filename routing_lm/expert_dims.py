@@ -9,6 +9,7 @@ validation all take these numbers from `expert_dims`. Pure Python: no jax, so
 from __future__ import annotations
 
 import dataclasses
+import math
 
 
 @dataclasses.dataclass(frozen=True)
@@ -16,6 +17,12 @@ class ExpertDims:
   num_experts: int   # E*G experts in the layer
   top_k: int         # K*G experts per token
   d_expert: int      # d_ff / G, each expert's hidden width
+
+
+def capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: float) -> int:
+  """C = min(ceil(capacity_factor * T * K / E), T): slots per expert per routing group
+  (at least 1). Used by the dispatch and by routers whose choice depends on it."""
+  return max(1, min(math.ceil(capacity_factor * num_tokens * top_k / num_experts), num_tokens))
 
 
 def check_granularity(d_ff: int, granularity: int, field: str = "granularity") -> None:

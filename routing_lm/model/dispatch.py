@@ -27,16 +27,15 @@ ragged_dot costs about E/2 times the capacity path (measured: 13x at E = 64).
 """
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
+from routing_lm import expert_dims
 
-def capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: float) -> int:
-  """C = min(ceil(capacity_factor * T * K / E), T): slots per expert per group."""
-  return max(1, min(math.ceil(capacity_factor * num_tokens * top_k / num_experts), num_tokens))
+
+capacity = expert_dims.capacity   # C = min(ceil(capacity_factor T K / E), T), per group
 
 
 class Plan(NamedTuple):

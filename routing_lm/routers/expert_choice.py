@@ -4,7 +4,7 @@ Routing"; the router of Krajewski et al.'s law, finegrained_spec.md section 4).
 Training: scores S = softmax over experts of the router logits, [T, E]. Each expert takes
 its top C tokens of the routing group by its column of S,
 
-    C = dispatch.capacity(T, E, K, capacity_factor) = min(ceil(capacity_factor T K / E), T),
+    C = expert_dims.capacity(T, E, K, capacity_factor) = min(ceil(capacity_factor T K / E), T),
 
 the same C the dispatch gives each expert, and a chosen token's gate is its score S[t, e].
 Every expert is exactly full (C tokens), so the layer is balanced by construction and has
@@ -44,8 +44,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from routing_lm import expert_dims
 from routing_lm.errors import require
-from routing_lm.model import dispatch
 from routing_lm.routers import base
 
 
@@ -94,7 +94,7 @@ class ExpertChoiceRouter(base.Router):
   def __call__(self, x, token_ids, *, train, rng):
     scores = jax.nn.softmax(base.router_logits(x, self.w), axis=-1)     # [T, E]
     if train:
-      cap = dispatch.capacity(x.shape[0], self.num_experts, self.top_k, self.capacity_factor)
+      cap = expert_dims.capacity(x.shape[0], self.num_experts, self.top_k, self.capacity_factor)
       ids, weights = choose(scores, cap, self.k_max)
     else:
       weights, ids = jax.lax.top_k(scores, self.top_k)
