@@ -129,9 +129,8 @@ def fake_report(train: StepReport | None = None, remat: str = "none", experts: i
   c = config_lib.load("configs/tiny.py")
   c.model.remat = remat
   c.model.routing.num_experts = experts
-  if microbatches is not None:       # the field another change adds to configs/base.py
-    with c.unlocked():
-      c.train.microbatches = microbatches
+  if microbatches is not None:
+    c.train.microbatches = microbatches
   topo = Topology("v5e:2x2", "v5e", 4, (None,) * 4)
   train = train or StepReport("train", 0.0)
   return Report(c, topo, {"data": 2, "expert": 2, "model": 1}, 0, 0, train,
@@ -143,7 +142,7 @@ def test_levers_follow_the_memory():
   advice = " | ".join(tpu_compile.levers(fake_report(temps)))
   assert "model.remat=full" in advice and "mesh.data" in advice
   assert "x2.56" in advice                     # 41 GiB of 16
-  assert "train.microbatches" not in advice    # the field does not exist in this config
+  assert "train.microbatches=4 (now 1)" in advice
   advice = " | ".join(tpu_compile.levers(fake_report(temps, remat="full", microbatches=1)))
   assert "model.remat" not in advice and "train.microbatches=4 (now 1)" in advice
   args = StepReport("train", 0.0, arguments=30 * GIB, temporaries=2 * GIB)
