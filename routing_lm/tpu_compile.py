@@ -195,9 +195,7 @@ def analytic_train_flops(config: ml_collections.ConfigDict) -> float:
   """Model FLOPs of one train step: 3 x (F + output layer) x tokens, F from
   `model.counting` (paper_spec.md section 3; as routing_lm/bench/train_step.py)."""
   from routing_lm.model import counting
-  m, d = config.model, config.data
-  counts = counting.count(m, d.seq_len)
-  return 3.0 * (counts.flops_per_token + 2 * m.d_model * m.vocab_size) * d.batch_size * d.seq_len
+  return counting.train_step_flops(config.model, config.data.batch_size, config.data.seq_len)
 
 
 def routed_ffw_flops(config: ml_collections.ConfigDict) -> float:

@@ -41,9 +41,8 @@ def main() -> None:
     xla_flops = compiled.cost_analysis().get("flops", float("nan"))
     step_time, _, _ = harness.time_steps(lambda state: compiled(state, batch), state,
                                          args.steps)
-  counts = counting.count(c.model, t)
   tokens = b * t
-  model_flops = 3 * (counts.flops_per_token + 2 * c.model.d_model * c.model.vocab_size) * tokens
+  model_flops = counting.train_step_flops(c.model, b, t)
   tokens_per_s = tokens / step_time
   util = model_flops / step_time / peak
   rows = [("config", f"tiny {args.router} E={args.experts}, batch {b} x {t}, {c.model.dtype}, "

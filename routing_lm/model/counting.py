@@ -78,3 +78,10 @@ def count(m: ml_collections.ConfigDict, seq_len: int) -> Counts:
       flops_per_token=2 * active + 2 * router + 2 * layers * seq_len * d_attn,
       train_flops_per_token=6 * active + 14 * router,
       num_routed_layers=n_routed)
+
+
+def train_step_flops(m: ml_collections.ConfigDict, batch_size: int, seq_len: int) -> float:
+  """Model FLOPs of one train step: 3 x (F + output layer 2 d V) x tokens (the MFU
+  numerator of the benchmarks and the TPU compile check)."""
+  counts = count(m, seq_len)
+  return 3.0 * (counts.flops_per_token + 2 * m.d_model * m.vocab_size) * batch_size * seq_len
