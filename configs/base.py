@@ -43,6 +43,9 @@ def get_config() -> ml_collections.ConfigDict:
   r.eval_capacity_factor = config_dict.placeholder(float)
   r.granularity = 1                 # G: E*G experts of width d_ff/G, K*G per token
   r.output_norm = False             # LayerNorm on the routed FFW's output
+  # Learned routers' [d_model, E] projection: truncated normal, variance scale / d_model
+  # (0.1: Switch's small init; measured against 0.01 and 1.0 in docs/sweeps.md).
+  r.router_init_scale = 0.1
   r.shared_experts = 0              # S always-on experts of width d_ff/G per routed layer
   r.num_groups = 1                  # token groups routed independently (set by the mesh)
   # One section per router with fields, `model.routing.<name>`: each router declares its
@@ -75,6 +78,9 @@ def get_config() -> ml_collections.ConfigDict:
   t.b1 = 0.9
   t.b2 = 0.95
   t.grad_clip = 1.0
+  # The router projections' learning rate is router_lr_scale x the schedule (their AdamW
+  # update is scaled; measured against 0.3 and 3 in docs/sweeps.md).
+  t.router_lr_scale = 1.0
   t.zero1 = True                    # shard the optimizer state over `data`
   # The loss projects hidden states to logits at most this many tokens at a time (whole
   # sequence chunks of batch rows x loss_chunk_tokens // rows positions; the backward

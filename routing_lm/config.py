@@ -230,6 +230,9 @@ def validate_model(c: ml_collections.ConfigDict) -> None:
     cf = r[f]
     require(cf is None or cf > 0, f"model.routing.{f}", cf,
             "a number > 0 (2.0 is the paper's), or None for dropless routing")
+  require(isinstance(r.router_init_scale, (int, float)) and r.router_init_scale > 0,
+          "model.routing.router_init_scale", r.router_init_scale,
+          "a number > 0 (the variance scale of the router projection; 0.1 is Switch's)")
   try:
     expert_dims(r.num_experts, r.top_k, r.granularity, m.d_ff)
   except ValueError as e:
@@ -278,6 +281,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
   require(isinstance(t.warmup_steps, int) and t.warmup_steps >= 0, "train.warmup_steps",
           t.warmup_steps, "an integer >= 0 (runs shorter than it warm up for all their steps)")
   require(t.grad_clip > 0, "train.grad_clip", t.grad_clip, "a number > 0")
+  require(isinstance(t.router_lr_scale, (int, float)) and t.router_lr_scale > 0,
+          "train.router_lr_scale", t.router_lr_scale,
+          "a number > 0 (1.0: the router projections learn at train.learning_rate)")
   tokens = d.batch_size * d.seq_len
   require(tokens % c.model.routing.num_groups == 0, "model.routing.num_groups",
           c.model.routing.num_groups,

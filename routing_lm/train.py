@@ -42,13 +42,24 @@ def make_schedule(t: ml_collections.ConfigDict) -> optax.Schedule:
       t.learning_rate * t.end_lr_ratio)
 
 
+def is_router_param(path: tuple, _) -> bool:
+  """Whether the parameter at `path` (a key path in the model's params) is a router's."""
+  return any(getattr(k, "key", getattr(k, "name", None)) == "router" for k in path)
+
+
 def make_optimizer(t: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """Global-norm clipping, then AdamW; no weight decay on vectors (norm scales)."""
+  """Global-norm clipping, then AdamW; no weight decay on vectors (norm scales). With
+  `train.router_lr_scale` != 1 the routers' updates (learning rate and decoupled decay
+  alike) are scaled by it: a per-group learning rate."""
   decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
-  return optax.chain(
-      optax.clip_by_global_norm(t.grad_clip),
-      optax.adamw(make_schedule(t), b1=t.b1, b2=t.b2, weight_decay=t.weight_decay,
-                  mask=decay_mask))
+  parts = [optax.clip_by_global_norm(t.grad_clip),
+           optax.adamw(make_schedule(t), b1=t.b1, b2=t.b2, weight_decay=t.weight_decay,
+                       mask=decay_mask)]
+  scale = t.get("router_lr_scale", 1.0)
+  if scale != 1.0:
+    router_mask = lambda params: jax.tree_util.tree_map_with_path(is_router_param, params)
+    parts.append(optax.masked(optax.scale(scale), router_mask))
+  return optax.chain(*parts)
 
 
 def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:

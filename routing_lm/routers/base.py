@@ -72,7 +72,8 @@ class RouterSpec:
   num_experts and top_k count the layer's experts (E*G, K*G: `routing_lm.expert_dims`);
   granularity is G (for error messages and routers that care);
   capacity_factor is the training one (`model.routing.capacity_factor`, None = dropless),
-  for routers whose choice depends on the capacity (expert choice).
+  for routers whose choice depends on the capacity (expert choice);
+  init_scale is the learned projection's init scale (`model.routing.router_init_scale`).
   """
   d_model: int
   num_experts: int
@@ -82,6 +83,7 @@ class RouterSpec:
       default_factory=ml_collections.ConfigDict)
   granularity: int = 1
   capacity_factor: float | None = None
+  init_scale: float = 0.1
 
   @classmethod
   def from_model_config(cls, m: ml_collections.ConfigDict) -> "RouterSpec":
@@ -90,7 +92,7 @@ class RouterSpec:
     dims = expert_dims(r.num_experts, r.top_k, r.granularity, m.d_ff)
     return cls(m.d_model, dims.num_experts, dims.top_k, m.vocab_size,
                r.get(r.router, ml_collections.ConfigDict()), r.granularity,
-               r.capacity_factor)
+               r.capacity_factor, r.get("router_init_scale", 0.1))
 
 
 class Router(nnx.Module):
@@ -157,10 +159,11 @@ class RouterState(nnx.Variable):
   collection, so it is in every checkpoint and restored bit for bit."""
 
 
-def router_weight(d_model: int, num_experts: int, rngs: nnx.Rngs) -> nnx.Param:
-  """A `[d_model, num_experts]` float32 router projection, small init (Switch: 0.1 scale)."""
-  init = nnx.initializers.variance_scaling(0.1, "fan_in", "truncated_normal")
-  return nnx.Param(init(rngs.params(), (d_model, num_experts), jnp.float32),
+def router_weight(spec: RouterSpec, rngs: nnx.Rngs) -> nnx.Param:
+  """The learned routers' `[d_model, num_experts]` float32 projection: truncated normal of
+  variance spec.init_scale / d_model (Switch's small init: scale 0.1, the default)."""
+  init = nnx.initializers.variance_scaling(spec.init_scale, "fan_in", "truncated_normal")
+  return nnx.Param(init(rngs.params(), (spec.d_model, spec.num_experts), jnp.float32),
                    out_sharding=("embed", None))
 
 

@@ -87,7 +87,7 @@ class ExpertChoiceRouter(base.Router):
 
   def __init__(self, spec: base.RouterSpec, *, rngs: nnx.Rngs):
     super().__init__(spec, rngs=rngs)
-    self.w = base.router_weight(spec.d_model, spec.num_experts, rngs)
+    self.w = base.router_weight(spec, rngs)
     self.capacity_factor = spec.capacity_factor
     self.k_max = min(spec.num_experts, int(spec.cfg.max_experts_per_token) or spec.num_experts)
 

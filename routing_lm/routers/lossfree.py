@@ -96,7 +96,7 @@ class LossFreeRouter(base.Router):
   def __init__(self, spec: base.RouterSpec, *, rngs: nnx.Rngs):
     super().__init__(spec, rngs=rngs)
     cfg = spec.cfg
-    self.w = base.router_weight(spec.d_model, spec.num_experts, rngs)
+    self.w = base.router_weight(spec, rngs)
     self.bias = base.RouterState(jnp.zeros((spec.num_experts,), jnp.float32))
     self.score = str(cfg.score)
     self.update_rate = float(cfg.update_rate)

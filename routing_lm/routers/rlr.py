@@ -39,7 +39,7 @@ class RLRRouter(base.Router):
   def __init__(self, spec: base.RouterSpec, *, rngs: nnx.Rngs):
     super().__init__(spec, rngs=rngs)
     cfg = spec.cfg
-    self.w = base.router_weight(spec.d_model, spec.num_experts, rngs)
+    self.w = base.router_weight(spec, rngs)
     self.entropy_coef = float(cfg.entropy_coef)
     self.balance_coef = float(cfg.balance_coef)
     self.scale_output = bool(cfg.scale_output)

@@ -240,7 +240,7 @@ class SBaseRouter(base.Router):
   def __init__(self, spec: base.RouterSpec, *, rngs: nnx.Rngs):
     super().__init__(spec, rngs=rngs)
     cfg = spec.cfg
-    self.w = base.router_weight(spec.d_model, spec.num_experts, rngs)
+    self.w = base.router_weight(spec, rngs)
     self.num_iters = int(cfg.sinkhorn_iters)
     self.temperature = float(cfg.temperature)
     self.balance_rounds = int(cfg.balance_rounds)

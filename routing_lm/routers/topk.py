@@ -33,7 +33,7 @@ class TopKRouter(base.Router):
 
   def __init__(self, spec: base.RouterSpec, *, rngs: nnx.Rngs):
     super().__init__(spec, rngs=rngs)
-    self.w = base.router_weight(spec.d_model, spec.num_experts, rngs)
+    self.w = base.router_weight(spec, rngs)
     self.balance_coef = float(spec.cfg.balance_coef)
     self.z_loss_coef = float(spec.cfg.z_loss_coef)
 
