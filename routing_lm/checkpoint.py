@@ -3,7 +3,8 @@
 Each step directory holds the train state (sharded arrays) and `meta` (the model and
 data config that produced it). Restoring builds the target from the current mesh's
 abstract state, so a checkpoint saved on one mesh shape restores onto another. A
-workdir whose checkpoint came from a different model is refused, naming the field.
+workdir whose checkpoint came from a different model is refused, naming the field; a
+field the checkpoint predates (added to configs/base.py since) is accepted at its default.
 """
 from __future__ import annotations
 
@@ -44,6 +45,25 @@ def _fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
           and k != "model.routing.num_groups"}
 
 
+def incompatible_fields(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+  """The fingerprint fields that differ between a checkpoint's and the current config. A
+  field the checkpoint lacks (added to configs/base.py later) counts only when its current
+  value is not configs/base.py's default, the behaviour the checkpoint was trained with."""
+  defaults = None
+  diff = []
+  for k in sorted(set(saved) | set(now)):
+    if saved.get(k) == now.get(k):
+      continue
+    if k not in saved:
+      if defaults is None:
+        from routing_lm import config as config_lib
+        defaults = _fingerprint(config_lib.load("configs/base.py"))
+      if k in defaults and now[k] == defaults[k]:
+        continue
+    diff.append(k)
+  return diff
+
+
 class Checkpointer:
   def __init__(self, workdir: str, config: ml_collections.ConfigDict, every: int, keep: int):
     self.directory = paths.join(paths.absolute(workdir), "checkpoints")
@@ -80,8 +100,7 @@ class Checkpointer:
       meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     except Exception as e:  # noqa: BLE001 - any read failure means the step is unusable
       raise self._corrupt(step, e) from e
-    diff = sorted(k for k in set(meta) | set(self.fingerprint)
-                  if meta.get(k) != self.fingerprint.get(k))
+    diff = incompatible_fields(meta, self.fingerprint)
     if diff:
       k = diff[0]
       raise CheckpointError(

@@ -127,6 +127,17 @@ def test_checkpoint_from_other_config_is_refused(tmp_path):
     train.train(other, str(tmp_path), pipeline=SyntheticPipeline())
 
 
+def test_checkpoint_that_predates_a_field_resumes_at_its_default():
+  from routing_lm.checkpoint import _fingerprint, incompatible_fields
+  now = _fingerprint(small_config("sbase", steps=10))
+  field = "model.routing.router_init_scale"
+  old = {k: v for k, v in now.items() if k != field}   # saved before the field existed
+  assert incompatible_fields(old, now) == []
+  assert incompatible_fields(old, {**now, field: 1.0}) == [field]   # not the default
+  assert incompatible_fields(now, {**now, field: 1.0}) == [field]
+  assert incompatible_fields({**old, "model.d_model": 64}, now) == ["model.d_model"]
+
+
 def test_corrupted_latest_checkpoint(tmp_path):
   config = small_config("hash", steps=20)
   train.train(config, str(tmp_path), pipeline=SyntheticPipeline())
