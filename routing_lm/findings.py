@@ -36,6 +36,9 @@ the numbers in <out>/findings.json and plots in <out>):
       ±--margin (default 0.01 nats), else "not distinguishable". Holds when S-BASE is lower
       than every other router, fails when some router is lower than S-BASE. The per-cell
       verdicts are listed too.
+   Findings 1-3 are read on the paper's routers (PAPER_ROUTERS). Any other router in the
+   table (the routers after the paper: configs/sweeps/cpu_after_paper.py) gets the same
+   three tests in a section of its own, "Routers after the paper".
 4. The routed law fitted per router on the per-seed rows (dense rows in every router's fit,
    as in routing_lm.fit), not on the seed means: the bootstrap then resamples runs, so its
    intervals carry the seed noise; with the same number of seeds in every cell the point
@@ -68,6 +71,7 @@ HOLDS, FAILS, UNKNOWN = "holds", "fails", "cannot be told"
 MARGIN = 0.01          # nats: the half-width within which two losses count as equivalent
 CONFIDENCE = 0.95
 BEST = "sbase"         # finding 3's router
+PAPER_ROUTERS = ("sbase", "hash", "rlr")   # the routers the paper's findings are about
 COLUMNS = ("router", "num_experts", "n_params", "seed")
 E_START_BOUNDS, E_MAX_BOUNDS = (1.0, 16.0), (16.0, 1e5)   # fit_routed's search box
 
@@ -410,6 +414,14 @@ def finding_3(pooled: dict[str, Difference], per_cell: dict[tuple[str, float, in
 # ---------------------------------------------------------------------------------------
 # Report.
 # ---------------------------------------------------------------------------------------
+def _findings_md(items: Sequence[Finding]) -> list[str]:
+  lines = []
+  for f in items:
+    lines.append(f"{f.number}. **{f.claim}: {f.verdict}.**")
+    lines += [f"   - {r}" for r in f.reasons]
+  return lines
+
+
 def _md(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
   lines = ["| " + " | ".join(map(str, header)) + " |", "|" + "---|" * len(header)]
   lines += ["| " + " | ".join(map(str, r)) + " |" for r in rows]
@@ -489,6 +501,7 @@ class Report:
   pooled: dict
   per_cell: dict
   findings: list[Finding]
+  later_findings: list[Finding]
   confidence: float
   margin: float
   n_bootstrap: int
@@ -497,9 +510,10 @@ class Report:
     pct = f"{self.confidence:.0%}"
     parts = [f"# Findings{f' from {source}' if source else ''}", "",
              "## The paper's findings", ""]
-    for f in self.findings:
-      parts.append(f"{f.number}. **{f.claim}: {f.verdict}.**")
-      parts += [f"   - {r}" for r in f.reasons]
+    parts += _findings_md(self.findings)
+    if self.later_findings:
+      parts += ["", "## Routers after the paper (the same tests, against dense and "
+                f"{BEST})", ""] + _findings_md(self.later_findings)
     parts += ["", f"## Validation loss: mean ± {pct} interval over seeds (number of seeds)",
               "", "E=1 is the dense run of that size.", "", _loss_table(self.cells), "",
               f"## Gain over dense (routed - dense; negative: routing helps), {pct} interval",
@@ -516,6 +530,7 @@ class Report:
     return {
         "confidence": self.confidence, "margin": self.margin, "n_bootstrap": self.n_bootstrap,
         "findings": [f.to_json() for f in self.findings],
+        "later_findings": [f.to_json() for f in self.later_findings],
         "cells": self.cells.replace({np.nan: None}).to_dict(orient="records"),
         "gains": [{"n_params": n, "router": r, "num_experts": e, **d.to_json()}
                   for (n, r, e), d in sorted(self.gain.items())],
@@ -535,11 +550,22 @@ def analyse(table: pd.DataFrame, *, margin: float = MARGIN, confidence: float = 
   cells = cell_table(table, confidence)
   gain = gains(table, margin, confidence)
   fits = fit_routers(table, n_bootstrap, confidence, seed)
-  f2, trend = finding_2(table, gain, fits, confidence)
   pooled, per_cell = router_comparisons(table, margin, confidence)
-  findings = [finding_1(gain), f2, finding_3(pooled, per_cell)]
-  return Report(cells, gain, fits, trend, pooled, per_cell, findings, confidence, margin,
-                n_bootstrap)
+
+  def tests(paper: bool) -> list[Finding]:
+    """Findings 1-3 on the paper's routers, or on the others."""
+    keep = lambda router: (router in PAPER_ROUTERS) == paper
+    g = {k: d for k, d in gain.items() if keep(k[1])}
+    if not g:
+      return []
+    f2, _ = finding_2(table, g, fits, confidence)
+    return [finding_1(g), f2,
+            finding_3({r: d for r, d in pooled.items() if keep(r)},
+                      {k: d for k, d in per_cell.items() if keep(k[0])})]
+
+  _, trend = finding_2(table, gain, fits, confidence)
+  return Report(cells, gain, fits, trend, pooled, per_cell, tests(True), tests(False),
+                confidence, margin, n_bootstrap)
 
 
 # ---------------------------------------------------------------------------------------

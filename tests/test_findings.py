@@ -111,6 +111,21 @@ def test_tie_reads_equivalent_with_a_wide_margin(paper_like):
   assert pooled["rlr"].verdict == "equivalent within 0.05"
 
 
+def test_later_routers_are_reported_apart_from_the_paper_findings(paper_like):
+  """A router after the paper gets the same tests in its own section and leaves the
+  paper's findings as they were."""
+  df = seeded_table({"sbase": (laws.SBASE, 0.0), "hash": (laws.SBASE, 0.03),
+                     "rlr": (laws.SBASE, 0.0), "lossfree": (HURTS, 0.0)})
+  report = analyse(df)
+  assert [f.per_router for f in report.findings] == \
+      [f.per_router for f in paper_like.findings]
+  later = {f.number: f for f in report.later_findings}
+  assert later[1].per_router == {"lossfree": findings.FAILS}
+  assert later[3].per_router == {"lossfree": findings.HOLDS}   # sbase below lossfree
+  text = report.markdown()
+  assert "## Routers after the paper" in text and "lossfree" in text
+
+
 def test_opposite_effects_fail():
   report = analyse(seeded_table({"sbase": (laws.SBASE, 0.01), "hash": (laws.SBASE, 0.0),
                                  "rlr": (HURTS, 0.0)}))
@@ -202,16 +217,40 @@ def test_cpu_paper_points_and_parts():
   sweep = config_lib.load_module("configs/sweeps/cpu_paper.py")
   spec = sweep.get_sweep()
   names = [p["name"] for p in spec["points"]]
-  assert len(names) == len(set(names)) == 3 * 3 * (1 + 3 * 3)
+  assert len(names) == len(set(names)) == 3 * 2 * (1 + 3 * 3)
   assert spec["tokens"] == 16 * 64 * 600
   for p in spec["points"]:
     o = p["overrides"]
     assert o["train.seed"] == o["data.seed"] == int(p["name"].split("_")[0][4:])
-  # The documented parts: one seed is 30 runs; one size of one seed is 10.
-  assert sum("seed0_" in n for n in names) == 30
-  assert sum("seed1_l_" in n for n in names) == 10
-  assert sum("_e64" in n for n in names) == 27
-  assert sum(n.endswith("_dense") for n in names) == 9
+  # The documented parts: one seed is 20 runs; one size of one seed is 10.
+  assert sum("seed0_" in n for n in names) == 20
+  assert sum("seed1_m_" in n for n in names) == 10
+  assert sum("_e64" in n for n in names) == 18
+  assert sum(n.endswith("_dense") for n in names) == 6
+
+
+def test_after_paper_extends_cpu_paper_with_the_same_names():
+  paper = config_lib.load_module("configs/sweeps/cpu_paper.py").get_sweep()
+  after = config_lib.load_module("configs/sweeps/cpu_after_paper.py").get_sweep()
+  names = [p["name"] for p in after["points"]]
+  assert len(names) == len(set(names)) == 60 + 2 * 2 * 2 * 3
+  # cpu_paper's points come first and unchanged, so its finished runs are reused.
+  assert after["points"][:60] == paper["points"] and after["overrides"] == paper["overrides"]
+  ec = [p["overrides"] for p in after["points"] if "_expert_choice_" in p["name"]]
+  assert len(ec) == 12 and all(o["model.routing.capacity_factor"] == 1.0 for o in ec)
+
+
+def test_router_knobs_change_one_field_each():
+  spec = config_lib.load_module("configs/sweeps/cpu_router_knobs.py").get_sweep()
+  by_name = {p["name"]: p["overrides"] for p in spec["points"]}
+  assert len(by_name) == 15
+  for seed in range(3):
+    default = by_name[f"seed{seed}_default"]
+    assert default["model.routing.router"] == "sbase" and default["train.seed"] == seed
+    for variant in ("temperature", "iters", "router_lr", "router_init"):
+      changed = {k for k, v in by_name[f"seed{seed}_{variant}"].items()
+                 if default.get(k) != v}
+      assert len(changed) == 1, (variant, changed)
 
 
 def test_results_row_has_the_seed():
