@@ -360,6 +360,26 @@ def check_checkpoint(rec):
   rec["ok"] = True
 
 
+def check_lossfree_bias(rec):
+  """lossfree: the bias after two train steps on an expert mesh (2, 4, 1) equals that of a
+  1-device run routing the same 8 groups, and so does each step's load: the jitted step
+  updates the bias with the global load, not with its device's share."""
+  def run(mesh, num_groups):
+    c = small_config("lossfree", mesh, num_groups=num_groups)
+    c.model.routing.lossfree.update_rate = 0.01
+    s = make_setup(c)
+    state, metrics = run_steps(s, train.init_state(s), train.make_train_step(s), 2)
+    router = nnx.merge(s.graphdef, state["params"], state["other"]).blocks[1].ffw.router
+    return np.asarray(router.bias[...]), np.asarray(metrics["layers"][0]["load"])
+
+  ref_bias, ref_load = run((1, 1, 1), 8)
+  bias, load = run((2, 4, 1), 1)
+  rec.update(bias=bias.tolist(), ref_bias=ref_bias.tolist(),
+             bias_diff=float(np.max(np.abs(bias - ref_bias))),
+             load_diff=float(np.max(np.abs(load - ref_load))))
+  rec["ok"] = rec["bias_diff"] <= TOL and rec["load_diff"] <= TOL
+
+
 def check_bad_input(rec):
   """Each bad configuration raises ConfigError; the message is recorded for the test."""
   cases = {}
@@ -412,6 +432,7 @@ CHECKS = {
     "collectives": check_collectives,
     "zero1": check_zero1,
     "checkpoint": check_checkpoint,
+    "lossfree_bias": check_lossfree_bias,
     "bad_input": check_bad_input,
 }
 

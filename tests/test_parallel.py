@@ -29,7 +29,7 @@ MESHES = ((8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 8, 1))
 ROUTERS = ("sbase", "hash", "rlr", "topk")
 TOL = 1e-5
 # Two processes at once (compilation is single-threaded; CI has 2 cores).
-GROUPS = (("equivalence",),
+GROUPS = (("equivalence", "lossfree_bias"),
           ("bad_input", "param_specs", "activation_specs", "eval", "collectives", "zero1",
            "checkpoint"))
 TIMEOUT_S = 1200
@@ -191,6 +191,14 @@ def test_expert_mesh_step_has_all_to_all(checks):
   for mesh in ("(2, 2, 2)", "(1, 8, 1)", "(2, 4, 1)"):
     assert meshes[mesh]["all-to-all"] >= 2, (mesh, meshes[mesh])
   assert meshes["(8, 1, 1)"]["all-to-all"] == 0, meshes["(8, 1, 1)"]
+
+
+def test_lossfree_bias_follows_the_global_load(checks):
+  """The loss-free bias after two steps on an expert mesh equals 1 device's (same groups)."""
+  rec = record(checks, "lossfree_bias")
+  assert rec["bias_diff"] <= TOL and rec["load_diff"] <= TOL, rec
+  bias = np.asarray(rec["bias"])
+  assert np.any(bias != 0) and np.all(np.abs(bias) <= 2 * 0.01 + 1e-7), bias
 
 
 def test_zero1_shards_optimizer_state_over_data(checks):
