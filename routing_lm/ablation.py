@@ -33,7 +33,8 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from routing_lm.findings import CONFIDENCE, MARGIN, UNKNOWN, _md, _pm, _verdict
+from routing_lm.findings import (CONFIDENCE, MARGIN, UNKNOWN, markdown_table, plus_minus,
+                              verdict_text)
 from routing_lm.scaling import stats
 
 LOSS_COLUMNS = ("val_loss", "train_loss_smoothed")
@@ -119,7 +120,7 @@ def compare(table: pd.DataFrame, baseline: str, column: str, margin: float = MAR
     iv = stats.difference_interval(x[common].to_numpy(), base[common].to_numpy(),
                                    confidence, paired=True)
     out.append(Comparison(variant, len(x), mean, mean_iv, len(common), iv.estimate, iv,
-                          _verdict(iv, margin, (variant, baseline))))
+                          verdict_text(iv, margin, (variant, baseline))))
   return out
 
 
@@ -144,7 +145,7 @@ def markdown(results: dict[str, list[Comparison]], baseline: str,
     table = []
     for r in rows:
       if r.mean_interval is not None:
-        mean = _pm(*r.mean_interval, digits=4)
+        mean = plus_minus(*r.mean_interval, digits=4)
       else:
         mean = f"{r.mean:.4f}" if r.n_seeds else "-"
       diff = "-" if r.variant == baseline or not np.isfinite(r.difference) \
@@ -153,7 +154,7 @@ def markdown(results: dict[str, list[Comparison]], baseline: str,
       table.append([r.variant, r.n_seeds, mean, diff, iv,
                     "-" if r.variant == baseline else r.n_common, r.verdict])
     parts += [f"## {column}", "",
-              _md(["variant", "seeds", "mean ± half-width", "difference", "interval",
+              markdown_table(["variant", "seeds", "mean ± half-width", "difference", "interval",
                    "paired seeds", "verdict"], table), ""]
   return "\n".join(parts)
 

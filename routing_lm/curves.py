@@ -44,7 +44,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from routing_lm import metrics
-from routing_lm.findings import CONFIDENCE, _md
+from routing_lm.findings import CONFIDENCE, markdown_table
 from routing_lm.scaling import stats
 
 WINDOW = 25       # logged steps in the trailing moving average
@@ -253,7 +253,7 @@ def _curve_table(tables: dict[Cell, pd.DataFrame], cells: Sequence[Cell],
   rows = [[c.size, c.router, c.experts, *[_cell_text(r, digits, signed)
                                           for _, r in tables[c].iterrows()]]
           for c in cells if c in tables]
-  return _md(["size", "router", "E", *[f"step {s}" for s in steps]], rows)
+  return markdown_table(["size", "router", "E", *[f"step {s}" for s in steps]], rows)
 
 
 def markdown(curves: Curves, source: str = "") -> str:

@@ -159,10 +159,10 @@ def difference(a: pd.Series, b: pd.Series, names: Sequence[str], margin: float =
   else:
     return Difference(estimate, None, False, len(a), len(b),
                       f"{UNKNOWN} (fewer than 2 seeds)")
-  return Difference(iv.estimate, iv, paired, len(a), len(b), _verdict(iv, margin, names))
+  return Difference(iv.estimate, iv, paired, len(a), len(b), verdict_text(iv, margin, names))
 
 
-def _verdict(iv: stats.Interval, margin: float, names: Sequence[str]) -> str:
+def verdict_text(iv: stats.Interval, margin: float, names: Sequence[str]) -> str:
   """stats.verdict with the margin written out: "equivalent within 0.01"."""
   text = stats.verdict(iv.low, iv.high, margin, names)
   return f"equivalent within {margin:g}" if text == "equivalent within margin" else text
@@ -380,7 +380,7 @@ def router_comparisons(table: pd.DataFrame, margin: float = MARGIN,
       continue
     iv = stats.mean_interval(per_seed.to_numpy(), confidence)
     pooled[other] = Difference(iv.estimate, iv, True, len(per_seed), len(per_seed),
-                               _verdict(iv, margin, (best, other)))
+                               verdict_text(iv, margin, (best, other)))
   return pooled, per_cell
 
 
@@ -422,13 +422,15 @@ def _findings_md(items: Sequence[Finding]) -> list[str]:
   return lines
 
 
-def _md(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+  """A markdown table (also used by routing_lm.ablation and routing_lm.curves)."""
   lines = ["| " + " | ".join(map(str, header)) + " |", "|" + "---|" * len(header)]
   lines += ["| " + " | ".join(map(str, r)) + " |" for r in rows]
   return "\n".join(lines)
 
 
-def _pm(mean: float, low: float, high: float, digits: int = 3) -> str:
+def plus_minus(mean: float, low: float, high: float, digits: int = 3) -> str:
+  """'mean ± half-width' of an interval, or the mean alone when there is none (NaN)."""
   if not np.isfinite(low):
     return f"{mean:.{digits}f}"
   return f"{mean:.{digits}f} ± {(high - low) / 2:.{digits}f}"
@@ -444,10 +446,10 @@ def _loss_table(cells: pd.DataFrame) -> str:
       row = [_size(n), router]
       for e in experts:
         c = dense if e == 1 else at_n[(at_n["router"] == router) & (at_n["num_experts"] == e)]
-        row.append("-" if c.empty else _pm(*c.iloc[0][["mean", "low", "high"]])
+        row.append("-" if c.empty else plus_minus(*c.iloc[0][["mean", "low", "high"]])
                    + f" ({int(c.iloc[0]['n_seeds'])})")
       rows.append(row)
-  return _md(["size", "router", *[f"E={e}" for e in experts]], rows)
+  return markdown_table(["size", "router", *[f"E={e}" for e in experts]], rows)
 
 
 def _gain_table(gain: dict[tuple[float, str, int], Difference]) -> str:
@@ -457,7 +459,7 @@ def _gain_table(gain: dict[tuple[float, str, int], Difference]) -> str:
     rows.append([_size(n), router, e, f"{d.estimate:+.4f}", iv,
                  "paired" if d.paired else "Welch" if d.interval is not None else "-",
                  f"{d.n_a}/{d.n_b}", d.verdict])
-  return _md(["size", "router", "E", "gain", "interval", "test", "seeds", "verdict"], rows)
+  return markdown_table(["size", "router", "E", "gain", "interval", "test", "seeds", "verdict"], rows)
 
 
 def _fit_table(fits: dict[str, RouterFit]) -> str:
@@ -473,7 +475,7 @@ def _fit_table(fits: dict[str, RouterFit]) -> str:
       lo_hi = f.fit.intervals.get(k)
       cells.append(f"{v:.4g}" + ("" if lo_hi is None else f" [{lo_hi[0]:.4g}, {lo_hi[1]:.4g}]"))
     rows.append([router, *cells, f"{f.fit.rmse:.4f}", f.fit.n_points, _bound_note(f.fit)])
-  return _md(["router", *names, "RMSE", "n", "note"], rows)
+  return markdown_table(["router", *names, "RMSE", "n", "note"], rows)
 
 
 def _bound_note(fit: scaling.RoutedFit) -> str:
@@ -489,7 +491,7 @@ def _cell_comparisons(per_cell: dict[tuple[str, float, int], Difference], best: 
   for (other, n, e), d in sorted(per_cell.items()):
     iv = "-" if d.interval is None else f"[{d.interval.low:+.4f}, {d.interval.high:+.4f}]"
     rows.append([_size(n), e, f"{best} - {other}", f"{d.estimate:+.4f}", iv, d.verdict])
-  return _md(["size", "E", "difference", "estimate", "interval", "verdict"], rows)
+  return markdown_table(["size", "E", "difference", "estimate", "interval", "verdict"], rows)
 
 
 @dataclasses.dataclass
