@@ -240,16 +240,19 @@ def test_after_paper_extends_cpu_paper_with_the_same_names():
   assert len(ec) == 12 and all(o["model.routing.capacity_factor"] == 1.0 for o in ec)
 
 
-def test_router_knobs_change_one_field_each():
-  spec = config_lib.load_module("configs/sweeps/cpu_router_knobs.py").get_sweep()
+@pytest.mark.parametrize("sweep,router,baseline,variants", [
+    ("cpu_router_knobs", "sbase", "default", ("temperature", "iters", "router_lr",
+                                              "router_init")),
+    ("cpu_hash_tables", "hash", "balanced", ("frequency",))])
+def test_ablation_sweeps_change_one_field_each(sweep, router, baseline, variants):
+  spec = config_lib.load_module(f"configs/sweeps/{sweep}.py").get_sweep()
   by_name = {p["name"]: p["overrides"] for p in spec["points"]}
-  assert len(by_name) == 15
+  assert len(by_name) == 3 * (1 + len(variants))
   for seed in range(3):
-    default = by_name[f"seed{seed}_default"]
-    assert default["model.routing.router"] == "sbase" and default["train.seed"] == seed
-    for variant in ("temperature", "iters", "router_lr", "router_init"):
-      changed = {k for k, v in by_name[f"seed{seed}_{variant}"].items()
-                 if default.get(k) != v}
+    base = by_name[f"seed{seed}_{baseline}"]
+    assert base["model.routing.router"] == router and base["train.seed"] == seed
+    for variant in variants:
+      changed = {k for k, v in by_name[f"seed{seed}_{variant}"].items() if base.get(k) != v}
       assert len(changed) == 1, (variant, changed)
 
 
