@@ -366,6 +366,22 @@ def to_global(s: Setup, batch: dict[str, np.ndarray]) -> Batch:
   return {k: jax.make_array_from_process_local_data(sh, np.asarray(v)) for k, v in batch.items()}
 
 
+def smoothed_train_loss(history: list[float], start: int, num_steps: int,
+                        metrics_path: str) -> float:
+  """The mean training loss over the last 10% of the run's steps (steps > num_steps -
+  num_steps // 10), the same window whether or not the run was resumed. `history` holds
+  this invocation's every-step losses (steps start+1 ...); a run resumed inside the window
+  adds the logged losses of its earlier steps there (every log_every-th step; the last
+  line of a step wins)."""
+  first = num_steps - max(1, num_steps // 10)
+  values = history[max(0, first - start):]
+  if start > first:
+    logged = {r["step"]: r["loss"] for r in read_jsonl(metrics_path, missing_ok=True)
+              if r.get("loss") is not None}
+    values = [v for step, v in sorted(logged.items()) if first < step <= start] + values
+  return float(np.mean(values)) if values else float("nan")
+
+
 def evaluate(s: Setup, eval_step, state: dict[str, Any],
              batches: list[dict[str, np.ndarray]]) -> dict[str, float]:
   """Validation NLL in nats/token over a fixed list of batches (the paper's metric)."""
@@ -535,8 +551,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, pipeline: Any | None 
     return {"steps": int(state["step"]), "train_loss": train_loss, "finished": False}
   if val_step != t.num_steps:               # the loop's last evaluation may already be final
     val = evaluate(s, eval_step, state, val_batches)
-  # Smoothed train loss: the mean over the last 10% of steps (of this invocation).
-  smoothed = float(np.mean(history[-max(1, len(history) // 10):])) if history else float("nan")
+  smoothed = smoothed_train_loss(history, start, t.num_steps, writer.metrics_path)
   summary = {"config": json.loads(config.to_json()), **counts.as_dict(),
              "steps": int(state["step"]), "tokens": int(state["step"]) * tokens_per_step,
              "train_flops": counts.train_flops_per_token * int(state["step"]) * tokens_per_step,

@@ -95,6 +95,9 @@ def test_resume_equals_uninterrupted(tmp_path, router):
   summary = train.train(config, split, pipeline=SyntheticPipeline())   # ... then resume
   assert summary["steps"] == 20
   assert losses(split) == losses(full)
+  # The smoothed loss averages the same steps (the last 10%) as the uninterrupted run's.
+  full_summary = json.load(open(os.path.join(full, "summary.json")))
+  assert summary["train_loss_smoothed"] == full_summary["train_loss_smoothed"]
   for a, b in zip(params_of(split, config), params_of(full, config)):
     np.testing.assert_array_equal(a, b)
 
@@ -136,6 +139,16 @@ def test_checkpoint_that_predates_a_field_resumes_at_its_default():
   assert incompatible_fields(old, {**now, field: 1.0}) == [field]   # not the default
   assert incompatible_fields(now, {**now, field: 1.0}) == [field]
   assert incompatible_fields({**old, "model.d_model": 64}, now) == ["model.d_model"]
+
+
+def test_smoothed_loss_window_survives_a_resume_inside_it(tmp_path):
+  """Resumed at step 95 of 100: the window (steps 91-100) takes 91-95 from the log."""
+  path = tmp_path / "metrics.jsonl"
+  path.write_text("".join(json.dumps({"step": s, "loss": float(s)}) + "\n"
+                          for s in range(1, 96)) + json.dumps({"step": 95, "val_loss": 1.0}) + "\n")
+  got = train.smoothed_train_loss([96.0, 97.0, 98.0, 99.0, 100.0], 95, 100, str(path))
+  assert got == np.mean(np.arange(91, 101))
+  assert train.smoothed_train_loss(list(map(float, range(1, 101))), 0, 100, str(path)) == 95.5
 
 
 def test_corrupted_latest_checkpoint(tmp_path):
