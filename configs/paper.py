@@ -28,6 +28,16 @@ Gopher family table (Rae et al. 2021, Table 1: 6e-4 at 44M and 117M, 2e-4 at 417
 370m (LEARNING_RATES below). Every value stays a config field
 (`--config.train.learning_rate=...`).
 
+Memory [choose]: every size trains with `model.remat = "full"` (the backward keeps each
+block's input only) and `train.loss_chunk_tokens = 65,536` (the loss never holds the
+batch's [tokens, 32k] float32 logits: 256 rows x 256 positions at a time), and
+`model.attention = "auto"` is splash attention on TPU (no [2048, 2048] scores). At batch
+256 x 2048 the activations, not the parameters, decide whether a step fits the smallest
+slices: measured with `--mode=compile`, 130m,sbase,64 on v5e:4x4 (mesh 4,4,1) needs 14.27
+GiB per chip with these levers against 18.6 GiB of temporaries alone with remat
+(docs/tpu.md). Both are config fields: `--config.model.remat=none` on a slice with room
+to spare saves the recompute (about a third more forward FLOPs).
+
 Sizes count N = L (4 d h k + 2 d d_ff): the spec's formula without its relative-position
 projection, because this codebase uses rotary positions (no parameters). 130m has
 16 heads of 64 (h k = 1024 != d_model = 896) in the spec, set through `model.head_dim`.
@@ -59,6 +69,9 @@ LEARNING_RATES: dict[str, float] = {
     "15m": 6e-4, "25m": 6e-4, "55m": 6e-4, "130m": 6e-4,
     "370m": 2e-4, "870m": 2e-4, "1.3b": 2e-4,
 }
+
+REMAT = "full"                  # model.remat for every size (see the docstring)
+LOSS_CHUNK_TOKENS = 65_536      # train.loss_chunk_tokens: 256 rows x 256 positions
 
 DENSE = "dense"
 DEFAULT_ARG = "130m,sbase,64"
@@ -121,6 +134,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   m.d_model, m.num_layers, m.d_ff = d_model, num_layers, d_ff
   m.num_heads, m.head_dim = num_heads, head_size
   m.dtype, m.param_dtype = "bfloat16", "float32"
+  m.remat = REMAT
 
   r = m.routing
   r.router = "sbase" if point["router"] == DENSE else point["router"]
@@ -143,6 +157,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   t.b1, t.b2 = 0.9, 0.95
   t.grad_clip = 1.0
   t.zero1 = True
+  t.loss_chunk_tokens = LOSS_CHUNK_TOKENS
 
   label = DENSE if r.num_experts == 1 else f"{point['router']}_e{r.num_experts}"
   extras = "".join(f"_{k}{point[k]}" for k in OPTIONS if k in point)
