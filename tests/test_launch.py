@@ -429,7 +429,7 @@ def test_readme_shows_what_train_prints():
   env = {"ROUTING_LM_NAME": "my-tpu", "ROUTING_LM_ZONE": "us-west4-a",
          "ROUTING_LM_BUCKET": "my-bucket", "ROUTING_LM_ACCELERATOR_TYPE": "v5litepod-32"}
   proc = launch("train", "--config", "configs/paper.py:130m,sbase,64", "--",
-                "--config.mesh.expert=4", "--config.model.remat=full", env=env)
+                "--config.mesh.expert=4", env=env)
   assert proc.returncode == 0
   lines = proc.stdout.strip().splitlines()
   assert len(lines) == 2 and all(line in readme.splitlines() for line in lines)
