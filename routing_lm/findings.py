@@ -508,7 +508,7 @@ class Report:
   margin: float
   n_bootstrap: int
 
-  def markdown(self, source: str = "") -> str:
+  def markdown(self, source: str = "", loss_column: str = "val_loss") -> str:
     pct = f"{self.confidence:.0%}"
     parts = [f"# Findings{f' from {source}' if source else ''}", "",
              "## The paper's findings", ""]
@@ -516,7 +516,7 @@ class Report:
     if self.later_findings:
       parts += ["", "## Routers after the paper (the same tests, against dense and "
                 f"{BEST})", ""] + _findings_md(self.later_findings)
-    parts += ["", f"## Validation loss: mean ± {pct} interval over seeds (number of seeds)",
+    parts += ["", f"## {loss_column}: mean ± {pct} interval over seeds (number of seeds)",
               "", "E=1 is the dense run of that size.", "", _loss_table(self.cells), "",
               f"## Gain over dense (routed - dense; negative: routing helps), {pct} interval",
               "", "paired: by seed, on the seeds both runs have; Welch: unpaired.", "",
@@ -650,7 +650,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 2
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
-  text = report.markdown(args.results)
+  text = report.markdown(args.results, args.loss_column)
   print(text)
   (out / "findings.md").write_text(text + "\n")
   (out / "findings.json").write_text(json.dumps(report.to_json(), indent=1,
