@@ -1,7 +1,7 @@
 """Which HASH table to make the default: `balanced` (token ids dealt evenly) against
 `frequency` (Roller et al.'s balanced hashing: training tokens dealt evenly), at cpu_paper's
 size s, E = 64 (where frequent tokens overflow an expert most), 3 seeds paired by seed:
-6 runs, about 7 minutes on 2 cores.
+6 runs, about 8 minutes on 2 cores. Results: docs/sweeps.md.
 
     python -m routing_lm.sweep --sweep=configs/sweeps/cpu_hash_tables.py \\
         --workdir=results/cpu_hash_tables

@@ -1,7 +1,8 @@
 """What makes S-BASE learn at CPU scale: one knob at a time against the default, at
 cpu_paper's size s, E = 16, 3 seeds (seed k: same init and batch order as cpu_paper's
 seed k, so `routing_lm.ablation` pairs every variant with the default by seed). 15 runs,
-about 16 minutes on 2 cores.
+about 20 minutes on 2 cores (the default points equal cpu_paper's `seed<k>_s_sbase_e16`;
+copying those folders in skips them). Results: docs/sweeps.md.
 
     python -m routing_lm.sweep --sweep=configs/sweeps/cpu_router_knobs.py \\
         --workdir=results/cpu_router_knobs
