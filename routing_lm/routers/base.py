@@ -92,7 +92,7 @@ class RouterSpec:
     dims = expert_dims(r.num_experts, r.top_k, r.granularity, m.d_ff)
     return cls(m.d_model, dims.num_experts, dims.top_k, m.vocab_size,
                r.get(r.router, ml_collections.ConfigDict()), r.granularity,
-               r.capacity_factor, r.get("router_init_scale", 0.1))
+               r.capacity_factor, r.get("router_init_scale", cls.init_scale))
 
 
 class Router(nnx.Module):
