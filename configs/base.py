@@ -41,6 +41,9 @@ def get_config() -> ml_collections.ConfigDict:
   r.capacity_factor = config_dict.FieldReference(2.0, field_type=float)
   # Evaluation capacity factor; None (default) keeps every token (dropless).
   r.eval_capacity_factor = config_dict.placeholder(float)
+  # Dropless grouped matmul (routing_lm/model/grouped.py): "auto" = megablox gmm when
+  # compiling for TPU, ragged_dot elsewhere; or "gmm" / "ragged_dot".
+  r.grouped_matmul = "auto"
   r.granularity = 1                 # G: E*G experts of width d_ff/G, K*G per token
   r.output_norm = False             # LayerNorm on the routed FFW's output
   # Learned routers' [d_model, E] projection: truncated normal, variance scale / d_model

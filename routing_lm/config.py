@@ -230,6 +230,8 @@ def validate_model(c: ml_collections.ConfigDict) -> None:
     cf = r[f]
     require(cf is None or cf > 0, f"model.routing.{f}", cf,
             "a number > 0 (2.0 is the paper's), or None for dropless routing")
+  require(r.get("grouped_matmul", "auto") in GROUPED_MATMULS, "model.routing.grouped_matmul",
+          r.get("grouped_matmul"), f"one of {GROUPED_MATMULS} (the dropless path's kernel)")
   require(isinstance(r.router_init_scale, (int, float)) and r.router_init_scale > 0,
           "model.routing.router_init_scale", r.router_init_scale,
           "a number > 0 (the variance scale of the router projection; 0.1 is Switch's)")
@@ -242,6 +244,7 @@ def validate_model(c: ml_collections.ConfigDict) -> None:
 
 
 ATTENTION = ("auto", "xla", "splash")
+GROUPED_MATMULS = ("auto", "ragged_dot", "gmm")   # routing_lm/model/grouped.py
 SPLASH_BLOCK = 128   # the splash kernel's smallest q/kv block (the TPU lane width)
 
 

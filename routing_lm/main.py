@@ -131,10 +131,16 @@ def define_config_flag(argv: Sequence[str],
     raise config_lib.ConfigError("--config is required, e.g. --config=configs/tiny.py or "
                                  "--config=configs/paper.py:130m,sbase,64")
   config = config_lib.load(spec) if spec else ml_collections.ConfigDict()
+  kept = []
   for arg in rest:                     # a misspelt field: name it and the closest one
     if arg.startswith(("--config.", "-config.")):
-      config_lib.check_field(config, arg.split("config.", 1)[1].split("=", 1)[0],
-                             f"--config={spec}")
+      key, _, value = arg.split("config.", 1)[1].partition("=")
+      config_lib.check_field(config, key, f"--config={spec}")
+      if value.lower() == "none":      # ml_collections' flags cannot parse None for a number
+        config_lib.apply_overrides(config, {key: None}, f"--config={spec}")
+        continue
+    kept.append(arg)
+  rest = kept
   config_flags.DEFINE_config_dict("config", config, CONFIG_HELP, flag_values=flag_values,
                                   sys_argv=rest)
   return rest

@@ -60,6 +60,14 @@ def active_mesh() -> jax.sharding.AbstractMesh | None:
   return mesh
 
 
+def target_platform() -> str:
+  """The platform being compiled for: the context mesh's devices ("tpu" when compiling for a
+  TPU topology on a CPU host), else the default backend."""
+  mesh = jax.sharding.get_abstract_mesh()
+  device = None if mesh is None or mesh.empty else getattr(mesh, "abstract_device", None)
+  return device.platform if device is not None else jax.default_backend()
+
+
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
   """Sharding constraint by logical names; a no-op without a multi-device mesh."""
   if active_mesh() is None:
@@ -130,10 +138,6 @@ def validate_mesh(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) ->
     if size % mesh.shape["model"]:
       raise ConfigError(f"config.model.{field}={getattr(m, field)} does not split over "
                         f"mesh.model={mesh.shape['model']}; use a multiple of it.")
-  if r.num_experts > 1 and r.capacity_factor is None and mesh.shape["expert"] > 1:
-    raise ConfigError("config.model.routing.capacity_factor=None (dropless) is not supported "
-                      "with mesh.expert > 1 (ragged all-to-all does not run on every backend); "
-                      "set a capacity factor, e.g. 2.0.")
 
 
 def mesh_shardings(mesh: jax.sharding.Mesh, logical_specs: Any) -> Any:
@@ -163,6 +167,6 @@ def add_data_axis(sharding: NamedSharding, shape: Sequence[int]) -> NamedShardin
     axes = () if s is None else (s if isinstance(s, tuple) else (s,))
     split = math.prod(mesh.shape[a] for a in axes)
     if dim % (split * n_data) == 0:
-      spec[i] = ("data",) + axes if axes else "data"
+      spec[i] = axes + ("data",) if axes else "data"
       return NamedSharding(mesh, P(*spec))
   return sharding

@@ -212,14 +212,16 @@ def dense_fallback_threshold(config: ml_collections.ConfigDict) -> float:
   """Step FLOPs above which the routed FFWs compute every expert on every token.
 
   The capacity path adds at most (capacity_factor - 1) x routed FFW FLOPs to the analytic
-  count; a dense per-expert fallback adds (E / K - 1) x. The threshold is the midpoint
-  of the two (inf for a dense model)."""
+  count. The dropless path (routing_lm/model/grouped.py) adds (mesh.expert - 1) x, as the
+  compiler counts gmm's static grid over every gathered row. A dense per-expert fallback
+  adds (E / K - 1) x. The threshold is the midpoint of the path's figure and the
+  fallback's (inf for a dense model)."""
   r = config.model.routing
   if r.num_experts == 1:
     return float("inf")
-  cf = r.capacity_factor or 1.0
+  factor = r.capacity_factor if r.capacity_factor is not None else float(config.mesh.expert)
   routed, analytic = routed_ffw_flops(config), analytic_train_flops(config)
-  capacity = analytic + max(cf - 1.0, 0.0) * routed
+  capacity = analytic + max(factor - 1.0, 0.0) * routed
   fallback = analytic + (r.num_experts / r.top_k - 1.0) * routed
   return (capacity + fallback) / 2
 

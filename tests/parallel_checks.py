@@ -150,6 +150,33 @@ def count_ops(hlo: str) -> dict[str, int]:
 
 
 # ---------------------------------------------------------------- checks
+def compare_to_one_device(config, mesh, batch, refs) -> dict:
+  """Loss, gradients, metrics and aux losses of `config(mesh, num_groups)` on `mesh` against
+  the same config on 1 device with the mesh's token grouping (refs caches the latter)."""
+  groups = mesh[0] * mesh[1]
+  if groups not in refs:
+    s1 = make_setup(config((1, 1, 1), groups))
+    params, other = host_params(s1)
+    refs[groups] = (params, other, loss_and_grads(s1, params, other, batch))
+  params, other, (ref_loss, ref_grads, ref_out) = refs[groups]
+  s = make_setup(config(mesh, 1))
+  loss, grads, out = loss_and_grads(s, params, other, batch)
+  gdiff, gwhere = max_diff(grads, ref_grads)
+  res = {
+      "num_groups": s.config.model.routing.num_groups,
+      "loss": loss, "ref_loss": ref_loss, "loss_diff": abs(loss - ref_loss),
+      "grad_diff": gdiff, "grad_diff_at": gwhere,
+      "grad_max": max(float(np.max(np.abs(v))) for v in flat(ref_grads).values()),
+      "metrics_diff": max_diff(out["layers"], ref_out["layers"])[0],
+      "aux_diff": max_diff(out["aux"], ref_out["aux"])[0],
+      "dropped": [float(l["dropped"]) for l in out["layers"]],
+      "ref_dropped": [float(l["dropped"]) for l in ref_out["layers"]],
+      "error": None}
+  res["ok"] = (res["loss_diff"] <= TOL and gdiff <= TOL and res["metrics_diff"] <= TOL
+               and res["aux_diff"] <= TOL)
+  return res
+
+
 def check_equivalence(rec):
   """Loss and gradients on every mesh equal a 1-device run with the same token grouping
   (num_groups = data x expert, the default a mesh sets), for every router; S-BASE's
@@ -160,39 +187,46 @@ def check_equivalence(rec):
   cases += [("sbase-global", (2, 4, 1)), ("sbase-global", (2, 2, 2))]
   refs = {}
 
-  def config(name, mesh, num_groups=1):
-    c = small_config(name.split("-")[0], mesh, num_groups=num_groups)
-    if name == "sbase-global":
-      c.model.routing.sbase.scope = "global"
-    return c
+  def config(name):
+    def make(mesh, num_groups):
+      c = small_config(name.split("-")[0], mesh, num_groups=num_groups)
+      if name == "sbase-global":
+        c.model.routing.sbase.scope = "global"
+      return c
+    return make
 
   for name, mesh in cases:
-    key = f"{name}@{mesh}"
     try:
-      groups = mesh[0] * mesh[1]
-      if (name, groups) not in refs:
-        s1 = make_setup(config(name, (1, 1, 1), num_groups=groups))
-        params, other = host_params(s1)
-        refs[name, groups] = (params, other, loss_and_grads(s1, params, other, batch))
-      params, other, (ref_loss, ref_grads, ref_out) = refs[name, groups]
-      s = make_setup(config(name, mesh))
-      loss, grads, out = loss_and_grads(s, params, other, batch)
-      gdiff, gwhere = max_diff(grads, ref_grads)
-      res = {
-          "num_groups": s.config.model.routing.num_groups,
-          "loss": loss, "ref_loss": ref_loss, "loss_diff": abs(loss - ref_loss),
-          "grad_diff": gdiff, "grad_diff_at": gwhere,
-          "grad_max": max(float(np.max(np.abs(v))) for v in flat(ref_grads).values()),
-          "metrics_diff": max_diff(out["layers"], ref_out["layers"])[0],
-          "aux_diff": max_diff(out["aux"], ref_out["aux"])[0],
-          "dropped": [float(l["dropped"]) for l in out["layers"]],
-          "ref_dropped": [float(l["dropped"]) for l in ref_out["layers"]],
-          "error": None}
-      res["ok"] = (res["loss_diff"] <= TOL and gdiff <= TOL and res["metrics_diff"] <= TOL
-                   and res["aux_diff"] <= TOL)
+      res = compare_to_one_device(config(name), mesh, batch, refs.setdefault(name, {}))
     except Exception:  # noqa: BLE001
       res = {"ok": False, "error": traceback.format_exc()}
-    rec["cases"][key] = res
+    rec["cases"][f"{name}@{mesh}"] = res
+  rec["ok"] = all(r["ok"] for r in rec["cases"].values())
+
+
+def check_dropless(rec):
+  """The dropless training path (capacity_factor=None: grouped matmuls under shard_map,
+  all-gather exchange over `expert`) on every mesh equals 1 device, loss and gradients,
+  with ragged_dot and with megablox gmm (Pallas interpreter); top-2 so that tokens meet
+  experts on two devices. The compiled expert-mesh step has no all-to-all."""
+  batch = synthetic_batch()
+  rec["cases"] = {}
+  for kernel in ("ragged_dot", "gmm"):
+    refs = {}
+
+    def make(mesh, num_groups):
+      c = small_config("topk", mesh, num_groups=num_groups)
+      c.model.routing.top_k = 2
+      c.model.routing.capacity_factor = None
+      c.model.routing.grouped_matmul = kernel
+      return c
+
+    for mesh in MESHES if kernel == "ragged_dot" else ((2, 4, 1), (2, 2, 2)):
+      try:
+        res = compare_to_one_device(make, mesh, batch, refs)
+      except Exception:  # noqa: BLE001
+        res = {"ok": False, "error": traceback.format_exc()}
+      rec["cases"][f"{kernel}@{mesh}"] = res
   rec["ok"] = all(r["ok"] for r in rec["cases"].values())
 
 
@@ -296,6 +330,18 @@ def check_collectives(rec):
   rec["ok"] = True
 
 
+def shards_outside(param_sh, zero_sh, shape) -> bool:
+  """Whether some device's ZeRO-1 shard is not a slice of that device's parameter shard
+  (then the update must fetch other devices' gradients instead of slicing its own)."""
+  own, zero = param_sh.devices_indices_map(shape), zero_sh.devices_indices_map(shape)
+  for dev, slices in zero.items():
+    for z, p, n in zip(slices, own[dev], shape):
+      (z0, z1, _), (p0, p1, _) = z.indices(n), p.indices(n)
+      if z0 < p0 or z1 > p1:
+        return True
+  return False
+
+
 def check_zero1(rec):
   """ZeRO-1: optimizer state over `data`, ~1/data bytes per device; params not over data;
   two steps with ZeRO-1 equal two steps without it; the step keeps every sharding."""
@@ -320,6 +366,13 @@ def check_zero1(rec):
                                           if a.ndim and "data" not in str(a.sharding.spec)]
         out["param_leaves_with_data"] = [k for k, a in paths(state["params"]).items()
                                          if "data" in str(a.sharding.spec)]
+        split = {k: (sh, parallel.add_data_axis(sh, a.shape), a.shape) for (k, sh), a in zip(
+            paths(s.state_shardings["params"]).items(),
+            jax.tree.leaves(s.abstract_state["params"]))}
+        out["zero1_shards_outside_param_shards"] = [
+            k for k, (sh, z, shape) in split.items() if shards_outside(sh, z, shape)]
+        out["zero1_leaves_split_over_data"] = sum(
+            "data" in str(z.spec) for _, z, _ in split.values())
         out["opt_shardings_kept_after_steps"] = all(
             a.sharding.is_equivalent_to(sh, a.ndim) for a, sh in zip(
                 jax.tree.leaves(new["opt"]), jax.tree.leaves(s.state_shardings["opt"])))
@@ -427,6 +480,7 @@ def check_bad_input(rec):
 CHECKS = {
     "equivalence": check_equivalence,
     "eval": check_eval,
+    "dropless": check_dropless,
     "param_specs": check_param_specs,
     "activation_specs": check_activation_specs,
     "collectives": check_collectives,

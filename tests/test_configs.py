@@ -128,6 +128,21 @@ def test_config_file_flag_passes_arg(form):
                              "--config.model.routing.num_expert=4"], flags.FlagValues())
 
 
+def test_none_from_the_command_line_makes_routing_dropless():
+  """`--config.<field>=None` sets None (ml_collections' flag parser cannot for a number):
+  dropless training and evaluation from the command line."""
+  from absl import flags
+  from routing_lm import main
+  fv = flags.FlagValues()
+  rest = main.define_config_flag(["prog", "--config=configs/tiny.py",
+                                  "--config.model.routing.capacity_factor=None",
+                                  "--config.model.routing.eval_capacity_factor=1.5"], fv)
+  assert rest == ["prog", "--config.model.routing.eval_capacity_factor=1.5"]
+  fv(rest)
+  r = fv.config.model.routing
+  assert r.capacity_factor is None and r.eval_capacity_factor == 1.5
+
+
 @pytest.mark.parametrize("arg, names", [
     ("131m,sbase,64", ["131m", "15m", "25m", "55m", "130m", "370m", "870m", "1.3b"]),
     ("130m,sbaes,64", ["sbaes", "dense", "sbase", "hash", "rlr", "topk"]),

@@ -42,9 +42,8 @@ def test_every_accepted_config_trains(mesh, tmp_path):
       err = r["error"]
       assert err.startswith("config.") and "is invalid" in err or "not supported" in err, err
       # What is refused, and why: RL-R takes one expert per token (G = 2 means 2);
-      # dropless routing cannot split experts over devices; expert choice needs a capacity.
+      # expert choice needs a capacity.
       expected = ((p["router"] == "rlr" and p["granularity"] > 1)
-                  or (mesh == "expert" and p["capacity_factor"] is None)
                   or (p["router"] == "expert_choice" and p["capacity_factor"] is None))
       assert expected, (p, err)
     else:
@@ -53,6 +52,6 @@ def test_every_accepted_config_trains(mesh, tmp_path):
       assert math.isfinite(r["val"]) or p["capacity_factor"] is None, r
       assert r["losses"][1] != r["losses"][0]                # the first update changed the model
   trained = sum(r["outcome"] == "trained" for r in records)
-  # 7 routers: 24 train on 1 device (RL-R with G = 2 and expert choice without a capacity
-  # are refused twice each); on the expert mesh every dropless row is refused too.
-  assert trained >= (13 if mesh == "expert" else 24)
+  # 7 routers: 24 train on each mesh (RL-R with G = 2 and expert choice without a
+  # capacity are refused twice each); dropless rows train on the expert mesh too.
+  assert trained == 24

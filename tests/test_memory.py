@@ -17,7 +17,7 @@ import pytest
 from flax import nnx
 
 from configs import base, tiny
-from routing_lm import config as config_lib, train
+from routing_lm import config as config_lib, parallel, train
 from routing_lm.model import transformer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -99,10 +99,10 @@ def test_segments_isolate_packed_documents():
 
 
 def test_auto_attention_is_xla_off_tpu_and_splash_for_tpu(monkeypatch):
-  assert transformer.target_platform() == "cpu"
+  assert parallel.target_platform() == "cpu"
   assert transformer.resolve_attention("auto", 2048) == "xla"
   assert transformer.resolve_attention("splash", 2048) == "splash"
-  monkeypatch.setattr(transformer, "target_platform", lambda: "tpu")
+  monkeypatch.setattr(parallel, "target_platform", lambda: "tpu")
   assert transformer.resolve_attention("auto", 2048) == "splash"
   assert transformer.resolve_attention("auto", 100) == "xla"   # not a multiple of 128
   assert [transformer.splash_block(s) for s in (128, 256, 384, 2048)] == [128, 256, 128, 512]

@@ -29,7 +29,7 @@ MESHES = ((8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 8, 1))
 ROUTERS = ("sbase", "hash", "rlr", "topk")
 TOL = 1e-5
 # Two processes at once (compilation is single-threaded; CI has 2 cores).
-GROUPS = (("equivalence", "lossfree_bias"),
+GROUPS = (("equivalence", "lossfree_bias", "dropless"),
           ("bad_input", "param_specs", "activation_specs", "eval", "collectives", "zero1",
            "checkpoint"))
 TIMEOUT_S = 1200
@@ -142,6 +142,17 @@ def test_eval_step_equals_one_device(checks):
   assert len(cases) == 1 + len(MESHES)
 
 
+def test_dropless_path_equals_one_device(checks):
+  """capacity_factor=None trains through the grouped-matmul path under shard_map (all-gather
+  exchange over `expert`): loss and gradients equal 1 device on every mesh, with
+  ragged_dot and with megablox gmm (interpreted)."""
+  cases = record(checks, "dropless")["cases"]
+  assert len(cases) == len(MESHES) + 2
+  bad = [f"{k}: {c.get('error') or c}" for k, c in cases.items() if not c["ok"]]
+  assert not bad, "\n".join(bad)
+  assert all(c["dropped"] == [0.0] for c in cases.values())
+
+
 def test_parameter_partition_specs(checks):
   """Audit: the resolved PartitionSpec of every parameter on the (2,2,2) mesh."""
   specs = record(checks, "param_specs")["specs"]
@@ -210,6 +221,10 @@ def test_zero1_shards_optimizer_state_over_data(checks):
     assert m["param_leaves_with_data"] == [], (mesh, m["param_leaves_with_data"])
     assert m["param_leaves_with_data_after_steps"] == [], mesh
     assert m["opt_shardings_kept_after_steps"], mesh
+    # each device's optimizer shard is a slice of its own parameter shard, so the update
+    # needs no other device's gradient (a data-major split of the expert axis did)
+    assert m["zero1_leaves_split_over_data"] > 0, mesh
+    assert m["zero1_shards_outside_param_shards"] == [], (mesh, m)
     # per-device optimizer bytes ~ 1/data of the replicated case (scalars stay replicated)
     assert abs(m["ratio"] - 1 / n) < 0.02 / n, (mesh, m["ratio"], 1 / n)
     assert m["param_bytes_zero1"] == m["param_bytes_replicated"], mesh

@@ -122,6 +122,10 @@ def test_dense_fallback_threshold_hand_case():
   assert tpu_compile.dense_fallback_threshold(c) == pytest.approx((capacity + fallback) / 2)
   assert tpu_compile.dense_fallback_threshold(config_lib.load("configs/tiny.py:sbase,1")) \
       == float("inf")
+  # dropless: gmm's static grid covers the mesh.expert x gathered rows
+  c.model.routing.capacity_factor, c.mesh.expert = None, 2
+  assert tpu_compile.dense_fallback_threshold(c) == pytest.approx(
+      (analytic + 1 * routed + fallback) / 2)
 
 
 def fake_report(train: StepReport | None = None, remat: str = "none", experts: int = 8,
@@ -179,6 +183,36 @@ def test_table_slices_meshes_and_markdown():
   assert "cannot tell" in text
 
 
+def test_table_cache_is_reused_and_marks_the_rest(tmp_path, capsys):
+  """A cached cell is not compiled again (--cached-only compiles nothing either way) and
+  appears in the table; cells not in the cache are marked as such."""
+  from routing_lm.bench import tpu_table
+  cache, out = tmp_path / "cells.jsonl", tmp_path / "table.md"
+  vers = tpu_table.versions()
+  tpu_table.append_cache(str(cache), tpu_table.cache_key("15m,dense", "v5e", "full", vers),
+                         tpu_table.Cell("v5e:2x4", "8,1,1", 12.69, 0.131, 235.0))
+  tpu_table.append_cache(str(cache), tpu_table.cache_key("15m,dense", "v5p", "full",
+                                                         {**vers, "libtpu": "other"}),
+                         tpu_table.Cell("v5p:2x2x1", "4,1,1", 20.0, 0.2, 1.0))
+  assert len(tpu_table.read_cache(str(cache))) == 2
+  tpu_table.main(["--rows=15m,dense", f"--cache={cache}", f"--out={out}", "--cached-only"])
+  text = out.read_text()
+  assert "| 15m,dense | v5e:2x4 | 8,1,1 | 12.7 | 0.13 | not compiled yet | | | |" in text
+  assert f"jax {vers['jax']}" in text           # the other libtpu's v5p cell is not used
+
+
+def test_expert_path_analytic_flops():
+  """Capacity computes E x C rows per group (padding included); dropless the K T rows."""
+  from routing_lm.bench import expert_path_tpu as ep
+  cap_c = ep.layer_config("configs/tiny.py:sbase,8", "capacity", (2, 2, 1))
+  drop_c = ep.layer_config("configs/tiny.py:sbase,8", "gmm", (2, 2, 1))
+  assert drop_c.model.routing.capacity_factor is None and cap_c.model.routing.num_groups == 4
+  tokens, per_flop = 8 * 128, 3.0 * 4 * 128 * 512
+  assert ep.analytic_flops(drop_c, "gmm", 4) == per_flop * tokens / 4
+  # 256 tokens per group, cf 1.25, E 8: C = 40 slots, 8 x 40 x 4 groups = 1280 rows
+  assert ep.analytic_flops(cap_c, "capacity", 4) == per_flop * 1280 / 4
+
+
 # ---- compiles for TPU (libtpu), in subprocesses ----
 
 # tiny with 2 layers (one routed): the TPU compile of tiny's 4 layers takes over a minute
@@ -193,8 +227,8 @@ def compile_cmd(spec: str, *overrides: str, topology: str = "v5e:2x2"):
   return subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
-def all_to_alls(stdout: str) -> int:
-  (line,) = [l for l in stdout.splitlines() if l.strip().startswith("all-to-all ")]
+def collective_count(stdout: str, name: str) -> int:
+  (line,) = [l for l in stdout.splitlines() if l.strip().startswith(name + " ")]
   return int(line.split()[1])
 
 
@@ -211,11 +245,28 @@ def test_tiny_compiles_for_v5e_with_an_expert_axis(spec, routed):
   assert fits == "true" and 0 < float(hbm) < float(capacity) == 16.0
   assert float(flops) > 0 and 0 < float(mfu) <= 1
   # S-BASE sends tokens to experts on other chips (all-to-all); dense has nothing to send.
-  assert (all_to_alls(proc.stdout) > 0) == routed
+  assert (collective_count(proc.stdout, "all-to-all") > 0) == routed
   # The experts compute only their tokens: no dense per-expert fallback.
   fallback = [l for l in proc.stdout.splitlines() if "dense per-expert fallback" in l]
   assert [l.split(": ")[-1] for l in fallback] == (["no"] if routed else [])
   assert "TPU_WORKER_HOSTNAMES" not in proc.stdout
+
+
+@pytest.mark.slow
+@needs_libtpu
+def test_dropless_training_compiles_with_gmm_and_no_dense_fallback():
+  """capacity_factor=None trains through megablox gmm under shard_map (grouped_matmul=auto
+  picks it for TPU): it compiles and fits, exchanges tokens by all-gather instead of
+  all-to-all, and its FLOPs stay below the dense per-expert fallback's."""
+  proc = compile_cmd("configs/tiny.py:sbase,8", *SMALL,
+                     "--config.model.routing.capacity_factor=None")
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  m = SUMMARY.match(proc.stdout.splitlines()[-1])
+  assert m and m.group(1) == "true", proc.stdout
+  assert collective_count(proc.stdout, "all-to-all") == 0
+  assert collective_count(proc.stdout, "all-gather") > 0
+  fallback = [l for l in proc.stdout.splitlines() if "dense per-expert fallback" in l]
+  assert [l.split(": ")[-1] for l in fallback] == ["no"], fallback
 
 
 @pytest.mark.slow

@@ -21,9 +21,11 @@ through the inverse map instead of a scatter-add (XLA:CPU scatters are slow). Th
 combines stay einsums: written as multiply-and-sum they are up to 10x slower under the
 routed FFW's vmap over groups.
 
-Dropless path (`capacity_factor=None`): the sorted tokens go through
-`jax.lax.ragged_dot` with the per-expert counts as group sizes. On the CPU backend
-ragged_dot costs about E/2 times the capacity path (measured: 13x at E = 64).
+Dropless path (`capacity_factor=None`, `dropless`): the assignments sorted by expert go
+through one grouped matmul per projection with the per-expert counts as group sizes
+(`routing_lm/model/grouped.py`: ragged_dot or megablox gmm, and the all-gather exchange
+over the `expert` axis). On the CPU backend ragged_dot costs about E/2 times the capacity
+path (measured: 13x at E = 64).
 """
 from __future__ import annotations
 
@@ -134,16 +136,21 @@ def gather_out(y: jax.Array, p: Plan, weights: jax.Array) -> jax.Array:
   return _gather_out(y, weights.astype(y.dtype), p.token_slot, p.slot_assign)
 
 
-def ragged(x: jax.Array, expert_ids: jax.Array, weights: jax.Array, num_experts: int,
-           ffw) -> tuple[jax.Array, jax.Array]:
-  """Dropless: sort assignments by expert and run `ffw(x_sorted [K*T, d], group_sizes [E])`.
+def dropless(x: jax.Array, expert_ids: jax.Array, weights: jax.Array, ffw,
+             num_experts: int, first_expert: jax.Array | int = 0) -> jax.Array:
+  """Dropless: sort the assignments to experts [first_expert, first_expert + num_experts)
+  by expert and run `ffw(x_sorted [K*T, d], group_sizes [num_experts])` on them.
 
-  Returns the combined output [T, d] and a zero dropped fraction.
+  x [T, d], expert_ids [T, K] (any ids: those of other experts, or the no-assignment id,
+  are sorted last, left out of the group sizes and contribute 0), weights [T, K].
+  `ffw` must give 0 for rows past sum(group_sizes). Returns the combined [T, d].
   """
   t, k = expert_ids.shape
-  flat = expert_ids.T.reshape(-1)
+  local = expert_ids - first_expert
+  here = (local >= 0) & (local < num_experts)
+  flat = jnp.where(here, local, num_experts).T.reshape(-1)          # [K*T], choice-major
   order = jnp.argsort(flat, stable=True)
-  counts = jnp.bincount(flat, length=num_experts)
-  y_sorted = ffw(x[order % t], counts)                              # [K*T, d]
+  sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)  # the last id left out
+  y_sorted = ffw(x[order % t], sizes)                               # [K*T, d]
   y = jnp.zeros_like(y_sorted).at[order].set(y_sorted).reshape(k, t, -1)
-  return jnp.einsum("ktd,tk->td", y, weights.astype(y.dtype)), jnp.zeros((), jnp.float32)
+  return jnp.einsum("ktd,tk->td", y, jnp.where(here, weights, 0).astype(y.dtype))

@@ -4,7 +4,9 @@ The layer holds E*G experts of width d_ff/G (G = granularity, finegrained_spec.m
 section 1) and routes each token to K*G of them; G = 1 is the paper's layer. Tokens are
 split into `num_groups` groups (one per data x expert device under a mesh); routing and
 capacity are per group, and the dispatch buffer `[groups, E, C, d]` is resharded from
-groups to experts and back, which XLA lowers to two all-to-alls.
+groups to experts and back, which XLA lowers to two all-to-alls. Dropless
+(`capacity_factor=None`, and evaluation by default) goes through `grouped`: sorted
+assignments, grouped matmuls, an all-gather exchange over the `expert` axis.
 
 Shared experts (DeepSeekMoE; `model.routing.shared_experts` = S, default 0): S always-on
 experts of width d_ff/G that every token goes through, added unweighted to the routed
@@ -24,7 +26,7 @@ from flax import nnx
 
 from routing_lm import parallel, routers
 from routing_lm.expert_dims import expert_dims
-from routing_lm.model import dispatch
+from routing_lm.model import dispatch, grouped
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -57,13 +59,6 @@ class Experts(nnx.Module):
     h = gelu(jnp.einsum("...ecd,edf->...ecf", x, self.wi[...].astype(x.dtype)))
     return jnp.einsum("...ecf,efd->...ecd", h, self.wo[...].astype(x.dtype))
 
-  def ragged(self, x_sorted: jax.Array, group_sizes: jax.Array) -> jax.Array:
-    """Dropless: x_sorted [N, d] sorted by expert, group_sizes [E] -> [N, d]."""
-    wi, wo = self.wi[...].astype(x_sorted.dtype), self.wo[...].astype(x_sorted.dtype)
-    h = gelu(jax.lax.ragged_dot(x_sorted, wi, group_sizes))
-    return jax.lax.ragged_dot(h, wo, group_sizes)
-
-
 class SharedFFW(nnx.Module):
   """The shared experts: wi [d_model, width], wo [width, d_model], GELU, logical axes
   embed/mlp like the dense FFW (width = S * d_ff / G)."""
@@ -92,6 +87,7 @@ class RoutedFFW(nnx.Module):
     self.num_groups = r.num_groups
     self.capacity_factor = r.capacity_factor
     self.eval_capacity_factor = r.eval_capacity_factor
+    self.grouped_matmul = r.get("grouped_matmul", "auto")
     self.router = routers.get(r.router)(spec, rngs=rngs)
     d_expert = expert_dims(r.num_experts, r.top_k, r.granularity, m.d_ff).d_expert
     self.experts = Experts(self.num_experts, m.d_model, d_expert, DTYPES[m.param_dtype],
@@ -127,9 +123,9 @@ class RoutedFFW(nnx.Module):
     routing = self.route(xg, token_ids.reshape(g, -1), train, rng, s)
     cf = self.capacity_factor if train else self.eval_capacity_factor
     if cf is None:
-      y, dropped = dispatch.ragged(xg.reshape(b * s, d), routing.expert_ids.reshape(b * s, -1),
-                                   routing.weights.reshape(b * s, -1), self.num_experts,
-                                   self.experts.ragged)
+      y = grouped.dropless_ffw(xg, routing.expert_ids, routing.weights, self.experts.wi[...],
+                               self.experts.wo[...], gelu, self.grouped_matmul)
+      dropped = jnp.zeros((), jnp.float32)
     else:
       cap = dispatch.capacity(b * s // g, self.num_experts, self.top_k, cf)
       plan = jax.vmap(lambda ids: dispatch.plan(ids, self.num_experts, cap))(routing.expert_ids)

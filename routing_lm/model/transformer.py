@@ -72,14 +72,6 @@ SPLASH_MIN_BLOCK = config_lib.SPLASH_BLOCK
 SPLASH_MAX_BLOCK = 512
 
 
-def target_platform() -> str:
-  """The platform being compiled for: the context mesh's devices ("tpu" when compiling for a
-  TPU topology on a CPU host), else the default backend."""
-  mesh = jax.sharding.get_abstract_mesh()
-  device = None if mesh is None or mesh.empty else getattr(mesh, "abstract_device", None)
-  return device.platform if device is not None else jax.default_backend()
-
-
 def resolve_attention(impl: str, seq_len: int) -> str:
   """`model.attention` -> "xla" or "splash".
 
@@ -87,7 +79,7 @@ def resolve_attention(impl: str, seq_len: int) -> str:
   smallest block), XLA otherwise (CPU, GPU, short or odd sequences).
   """
   if impl == "auto":
-    ok = target_platform() == "tpu" and seq_len % SPLASH_MIN_BLOCK == 0
+    ok = parallel.target_platform() == "tpu" and seq_len % SPLASH_MIN_BLOCK == 0
     return "splash" if ok else "xla"
   return impl
 
@@ -184,7 +176,7 @@ class Attention(nnx.Module):
     k = rotary(proj(self.k), positions, self.rope_base)
     v = proj(self.v)
     if resolve_attention(self.impl, x.shape[1]) == "splash":
-      out = splash_attention(q, k, v, segment_ids, interpret=target_platform() != "tpu")
+      out = splash_attention(q, k, v, segment_ids, interpret=parallel.target_platform() != "tpu")
     else:
       out = xla_attention(q, k, v, segment_ids)                            # [B, S, H, D]
     return jnp.einsum("bshk,hkd->bsd", out, self.o[...].astype(x.dtype))
