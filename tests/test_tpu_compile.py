@@ -183,34 +183,25 @@ def test_table_slices_meshes_and_markdown():
   assert "cannot tell" in text
 
 
-def test_table_cache_is_reused_and_marks_the_rest(tmp_path, capsys):
-  """A cached cell is not compiled again (--cached-only compiles nothing either way) and
-  appears in the table; cells not in the cache are marked as such."""
+def test_table_cache_is_reused_and_marks_the_rest(tmp_path):
+  """Cells are cached by row, family, remat and compiler versions; --cached-only compiles
+  nothing and writes every cached cell (the newest compiler's), marking the rest."""
   from routing_lm.bench import tpu_table
   cache, out = tmp_path / "cells.jsonl", tmp_path / "table.md"
   vers = tpu_table.versions()
   tpu_table.append_cache(str(cache), tpu_table.cache_key("15m,dense", "v5e", "full", vers),
                          tpu_table.Cell("v5e:2x4", "8,1,1", 12.69, 0.131, 235.0))
-  tpu_table.append_cache(str(cache), tpu_table.cache_key("15m,dense", "v5p", "full",
-                                                         {**vers, "libtpu": "other"}),
+  other = {"jax": "9.9", "libtpu": "other"}
+  tpu_table.append_cache(str(cache), tpu_table.cache_key("15m,dense", "v5p", "full", other),
                          tpu_table.Cell("v5p:2x2x1", "4,1,1", 20.0, 0.2, 1.0))
   assert len(tpu_table.read_cache(str(cache))) == 2
-  tpu_table.main(["--rows=15m,dense", f"--cache={cache}", f"--out={out}", "--cached-only"])
+  tpu_table.main(["--rows=15m,dense;25m,dense", f"--cache={cache}", f"--out={out}",
+                  "--cached-only"])
   text = out.read_text()
-  assert "| 15m,dense | v5e:2x4 | 8,1,1 | 12.7 | 0.13 | not compiled yet | | | |" in text
-  assert f"jax {vers['jax']}" in text           # the other libtpu's v5p cell is not used
-
-
-def test_expert_path_analytic_flops():
-  """Capacity computes E x C rows per group (padding included); dropless the K T rows."""
-  from routing_lm.bench import expert_path_tpu as ep
-  cap_c = ep.layer_config("configs/tiny.py:sbase,8", "capacity", (2, 2, 1))
-  drop_c = ep.layer_config("configs/tiny.py:sbase,8", "gmm", (2, 2, 1))
-  assert drop_c.model.routing.capacity_factor is None and cap_c.model.routing.num_groups == 4
-  tokens, per_flop = 8 * 128, 3.0 * 4 * 128 * 512
-  assert ep.analytic_flops(drop_c, "gmm", 4) == per_flop * tokens / 4
-  # 256 tokens per group, cf 1.25, E 8: C = 40 slots, 8 x 40 x 4 groups = 1280 rows
-  assert ep.analytic_flops(cap_c, "capacity", 4) == per_flop * 1280 / 4
+  assert ("| 15m,dense | v5e:2x4 | 8,1,1 | 12.7 | 0.13 | v5p:2x2x1 | 4,1,1 | 20.0 | 0.20 |"
+          in text)
+  assert "| 25m,dense | not compiled yet | | | | not compiled yet | | | |" in text
+  assert "jax 9.9, libtpu other" in text         # the header names the cells' compiler
 
 
 # ---- compiles for TPU (libtpu), in subprocesses ----
