@@ -221,9 +221,9 @@ def dense_fallback_threshold(config: ml_collections.ConfigDict) -> float:
     return float("inf")
   factor = r.capacity_factor if r.capacity_factor is not None else float(config.mesh.expert)
   routed, analytic = routed_ffw_flops(config), analytic_train_flops(config)
-  capacity = analytic + max(factor - 1.0, 0.0) * routed
+  expected = analytic + max(factor - 1.0, 0.0) * routed
   fallback = analytic + (r.num_experts / r.top_k - 1.0) * routed
-  return (capacity + fallback) / 2
+  return (expected + fallback) / 2
 
 
 @dataclasses.dataclass(frozen=True)

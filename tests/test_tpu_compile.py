@@ -189,10 +189,10 @@ def test_table_cache_is_reused_and_marks_the_rest(tmp_path):
   from routing_lm.bench import tpu_table
   cache, out = tmp_path / "cells.jsonl", tmp_path / "table.md"
   vers = tpu_table.versions()
-  tpu_table.append_cache(str(cache), tpu_table.cache_key("15m,dense", "v5e", "full", vers),
+  tpu_table.append_cache(str(cache), "15m,dense", "v5e", "full", vers,
                          tpu_table.Cell("v5e:2x4", "8,1,1", 12.69, 0.131, 235.0))
   other = {"jax": "9.9", "libtpu": "other"}
-  tpu_table.append_cache(str(cache), tpu_table.cache_key("15m,dense", "v5p", "full", other),
+  tpu_table.append_cache(str(cache), "15m,dense", "v5p", "full", other,
                          tpu_table.Cell("v5p:2x2x1", "4,1,1", 20.0, 0.2, 1.0))
   assert len(tpu_table.read_cache(str(cache))) == 2
   tpu_table.main(["--rows=15m,dense;25m,dense", f"--cache={cache}", f"--out={out}",
@@ -202,6 +202,18 @@ def test_table_cache_is_reused_and_marks_the_rest(tmp_path):
           in text)
   assert "| 25m,dense | not compiled yet | | | | not compiled yet | | | |" in text
   assert "jax 9.9, libtpu other" in text         # the header names the cells' compiler
+
+
+def test_expert_path_analytic_flops():
+  """Capacity computes E x C rows per group (padding included); dropless the K T rows."""
+  from routing_lm.bench import expert_path_tpu as ep
+  cap_c = ep.layer_config("configs/tiny.py:sbase,8", "capacity", (2, 2, 1))
+  drop_c = ep.layer_config("configs/tiny.py:sbase,8", "gmm", (2, 2, 1))
+  assert drop_c.model.routing.capacity_factor is None and cap_c.model.routing.num_groups == 4
+  tokens, per_flop = 8 * 128, 3.0 * 4 * 128 * 512
+  assert ep.analytic_flops(drop_c, "gmm", 4) == per_flop * tokens / 4
+  # 256 tokens per group, cf 1.25, E 8: C = 40 slots, 8 x 40 x 4 groups = 1280 rows
+  assert ep.analytic_flops(cap_c, "capacity", 4) == per_flop * 1280 / 4
 
 
 # ---- compiles for TPU (libtpu), in subprocesses ----

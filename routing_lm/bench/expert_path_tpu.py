@@ -6,14 +6,15 @@ one routed FFW layer's forward and backward at the config's batch on any host.
     python -m routing_lm.bench.expert_path_tpu --config=configs/paper.py:130m,sbase,64 \
         --topology=v5e:4x4 --mesh=4,4,1
 
-Per chip, for each path: HBM (arguments, temporaries), FLOPs (the compiler's, and the
-analytic count of the matmuls that path does: the capacity path computes cf x the routed
-tokens, padding included; gmm only the routed rows), HBM bytes accessed, each collective
-(count and bytes), and the roofline time max(FLOPs / peak, bytes / bandwidth) with the
-larger of the two FLOP counts (the compiler sees no FLOPs inside a Pallas kernel). The last
-lines give the ratios to the capacity path. What it cannot tell: real step time (ICI
-bandwidth and contention are not in the roofline; the collectives' bytes are printed so
-that they can be weighed against the slice's interconnect).
+Per chip, for each path: HBM temporaries (the arguments are the same on every path), FLOPs
+(the compiler's, and the analytic count of the matmuls that path does: the capacity path
+computes cf x the routed tokens, padding included; gmm only the routed rows), HBM bytes
+accessed, each collective (count and bytes), and the roofline time max(FLOPs / peak,
+bytes / bandwidth) with the larger of the two FLOP counts (the compiler sees no FLOPs
+inside a Pallas kernel). The last lines give the ratios to the capacity path. What it
+cannot tell: real step time (ICI bandwidth and contention are not in the roofline; the
+collectives' bytes are printed so that they can be weighed against the slice's
+interconnect).
 """
 from __future__ import annotations
 
@@ -36,7 +37,6 @@ PATHS = ("capacity", "gmm", "ragged_dot")
 @dataclasses.dataclass
 class PathReport:
   path: str
-  arguments: int
   temporaries: int
   compiler_flops: float
   analytic_flops: float
@@ -97,7 +97,7 @@ def compile_path(spec: str, path: str, topo: tpu_compile.Topology,
   compiled = step.lower(shard(params), shard(rest), x, ids).compile()
   mem, cost = compiled.memory_analysis(), compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return PathReport(path, int(mem.argument_size_in_bytes), int(mem.temp_size_in_bytes),
+  return PathReport(path, int(mem.temp_size_in_bytes),
                     float(cost.get("flops", math.nan)), analytic_flops(c, path, len(topo.devices)),
                     float(cost.get("bytes accessed", math.nan)),
                     tpu_compile.collectives(compiled.as_text()))
@@ -133,17 +133,16 @@ def main(argv: Sequence[str] | None = None) -> None:
   for path in a.paths.split(","):
     reports.append(compile_path(a.config, path, topo, mesh))
     print(f"compiled {path}", flush=True)
-  per_device = topo.chip
   print(f"{a.config} on {a.topology}, mesh {a.mesh}: one routed FFW layer, forward + "
         f"backward, per chip")
-  print("\n".join(table(reports, per_device)))
+  print("\n".join(table(reports, topo.chip)))
   base = reports[0]
+  col = lambda x: sum(v["bytes"] for v in x.collectives.values())
   for r in reports[1:]:
-    col = lambda x: sum(v["bytes"] for v in x.collectives.values())
     print(f"{r.path}_over_{base.path}: temporaries={r.temporaries / base.temporaries:.2f} "
           f"collective_bytes={col(r) / max(col(base), 1):.2f} "
           f"hbm_bytes={r.bytes_accessed / base.bytes_accessed:.2f} "
-          f"roofline={r.roofline(per_device).time_s / base.roofline(per_device).time_s:.2f}")
+          f"roofline={r.roofline(topo.chip).time_s / base.roofline(topo.chip).time_s:.2f}")
 
 
 if __name__ == "__main__":

@@ -102,6 +102,8 @@ def dropless_ffw(x: jax.Array, expert_ids: jax.Array, weights: jax.Array, wi: ja
   if mesh is None:
     return local(x, expert_ids, weights, wi, wo)
   groups = parallel.logical_to_spec(("group", None, None))
+  # The Pallas call of gmm declares no varying mesh axes, so vma checking refuses it; the
+  # gradients are the same unchecked (the `dropless` parallel check, both kernels).
   return jax.shard_map(
       local, mesh=mesh, out_specs=groups, check_vma=kernel != "gmm",
       in_specs=(groups, groups, groups, parallel.logical_to_spec(("expert", "embed", "mlp")),
