@@ -56,19 +56,29 @@ class _EventFiles:
     paths.as_path(path).mkdir(parents=True, exist_ok=True)
 
 
-def _tensorboard(logdir: str):
-  """A tensorboardX SummaryWriter for a local folder or a URL (see the module docstring)."""
+def _tensorboard(logdir: str, start_step: int | None):
+  """A tensorboardX SummaryWriter for a local folder or a URL (see the module docstring).
+  A run resumed at `start_step` has TensorBoard hide its earlier events of later steps."""
   from tensorboardX import SummaryWriter, record_writer
   if not paths.is_local(logdir):
     record_writer.register_writer_factory(logdir.split(":", 1)[0], _EventFiles())
-  return SummaryWriter(logdir)
+  return SummaryWriter(logdir, purge_step=None if start_step is None else start_step + 1)
 
 
 class _JsonLines:
-  """`metrics.jsonl`: appended locally; rewritten whole (one object write) at a URL."""
+  """`metrics.jsonl`: appended locally; rewritten whole (one object write) at a URL.
 
-  def __init__(self, path: str):
+  Opened for a run resumed at `start_step`, it first drops the rows of later steps (logged
+  after the checkpoint the run resumes from, then lost with the process), so that the
+  resumed run's rows follow on from the checkpoint's step without repeating any step."""
+
+  def __init__(self, path: str, start_step: int | None = None):
     self.path = path
+    if start_step is not None:
+      rows = read_jsonl(path, missing_ok=True)
+      kept = [r for r in rows if r["step"] <= start_step]
+      if len(kept) < len(rows):
+        paths.write_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
     if paths.is_local(path):
       self.file = paths.as_path(path).open("a")
     else:
@@ -88,9 +98,11 @@ class _JsonLines:
 
 
 class MetricWriter:
-  """Scalars to TensorBoard and to `<workdir>/metrics.jsonl` (one JSON object per step)."""
+  """Scalars to TensorBoard and to `<workdir>/metrics.jsonl` (one JSON object per step).
+  `start_step`: the step a run starts (0) or resumes from: rows of later steps, left by
+  the interrupted run after its last checkpoint, are dropped. None keeps every row."""
 
-  def __init__(self, workdir: str):
+  def __init__(self, workdir: str, start_step: int | None = None):
     import jax   # here, not at import: sweep and demo read files without loading jax
     self.enabled = jax.process_index() == 0
     self.workdir = str(workdir)
@@ -98,8 +110,9 @@ class MetricWriter:
     if not self.enabled:
       return
     paths.as_path(self.workdir).mkdir(parents=True, exist_ok=True)
-    self.tb = _tensorboard(str(paths.as_path(paths.join(self.workdir, TENSORBOARD))))
-    self.jsonl = _JsonLines(self.metrics_path)
+    self.tb = _tensorboard(str(paths.as_path(paths.join(self.workdir, TENSORBOARD))),
+                           start_step)
+    self.jsonl = _JsonLines(self.metrics_path, start_step)
 
   def write_config(self, config: ml_collections.ConfigDict, counts: dict[str, int]) -> None:
     if self.enabled:

@@ -371,8 +371,7 @@ def smoothed_train_loss(history: list[float], start: int, num_steps: int,
   """The mean training loss over the last 10% of the run's steps (steps > num_steps -
   num_steps // 10), the same window whether or not the run was resumed. `history` holds
   this invocation's every-step losses (steps start+1 ...); a run resumed inside the window
-  adds the logged losses of its earlier steps there (every log_every-th step; the last
-  line of a step wins)."""
+  adds the logged losses of its earlier steps there (every log_every-th step)."""
   first = num_steps - max(1, num_steps // 10)
   values = history[max(0, first - start):]
   if start > first:
@@ -485,7 +484,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, pipeline: Any | None 
   state = (ckpt.restore_latest(s.abstract_state)
            or fit_routers_to_data(s, init_state(s), lambda: pipe.token_counts()))
   start = int(state["step"])
-  writer = MetricWriter(workdir)
+  writer = MetricWriter(workdir, start)
   if start == 0:
     writer.write_config(config, counts.as_dict())
   else:

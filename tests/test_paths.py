@@ -108,13 +108,14 @@ def test_metric_writer_on_gcs(fake_gcs):
   scalars = [(e.step, v.tag, v.simple_value) for e in _events(fake_gcs.cat(event_file))
              for v in e.summary.value]
   assert (1, "loss", 3.0) in scalars and (2, "wall_seconds", 2.0) in scalars
-  # A resumed run continues the file and the wall clock.
-  again = metrics.MetricWriter("gs://b/run")
+  # A run resumed from step 1 continues the file and the wall clock; step 2's row (logged
+  # after that checkpoint) is dropped, so that no step is logged twice.
+  again = metrics.MetricWriter("gs://b/run", start_step=1)
   assert again.last_value("wall_seconds", up_to_step=1) == 1.0
-  assert again.last_value("wall_seconds", up_to_step=5) == 2.0
-  again.write(3, {"loss": 1.0})
+  assert again.last_value("wall_seconds", up_to_step=5) == 1.0
+  again.write(2, {"loss": 1.0})
   again.close()
-  assert [r["step"] for r in metrics.read_jsonl("gs://b/run/metrics.jsonl")] == [1, 2, 3]
+  assert [r["step"] for r in metrics.read_jsonl("gs://b/run/metrics.jsonl")] == [1, 2]
   assert metrics.read_jsonl("gs://b/other.jsonl", missing_ok=True) == []
   with pytest.raises(FileNotFoundError):
     metrics.read_jsonl("gs://b/other.jsonl")

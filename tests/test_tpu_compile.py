@@ -204,6 +204,25 @@ def test_table_cache_is_reused_and_marks_the_rest(tmp_path):
   assert "jax 9.9, libtpu other" in text         # the header names the cells' compiler
 
 
+def fake_fit(row: str, family: str, remat: str, min_chips: int):
+  """A stand-in for tpu_table.fit_cell that compiles nothing (picklable for workers)."""
+  from routing_lm.bench import tpu_table
+  return tpu_table.Cell(f"{family}:{row}", remat, float(min_chips), float(os.getpid()))
+
+
+def test_table_jobs_run_cells_in_worker_processes():
+  """--jobs N: every cell once, each computed in a worker process, as the serial run."""
+  from routing_lm.bench import tpu_table
+  todo = [(r, f) for r in ("15m,dense", "25m,dense", "55m,dense") for f in ("v5e", "v5p")]
+  serial = dict(tpu_table.fit_cells(todo, "full", 4, 1, fit=fake_fit))
+  parallel = dict(tpu_table.fit_cells(todo, "full", 4, 2, fit=fake_fit))
+  assert sorted(parallel) == sorted(todo) == sorted(serial)
+  strip = lambda cells: {k: (c.topology, c.mesh, c.hbm_gib) for k, c in cells.items()}
+  assert strip(parallel) == strip(serial)
+  assert {c.mfu_bound for c in serial.values()} == {float(os.getpid())}
+  assert float(os.getpid()) not in {c.mfu_bound for c in parallel.values()}
+
+
 def test_expert_path_analytic_flops():
   """Capacity computes E x C rows per group (padding included); dropless the K T rows."""
   from routing_lm.bench import expert_path_tpu as ep

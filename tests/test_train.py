@@ -92,9 +92,13 @@ def test_resume_equals_uninterrupted(tmp_path, router):
   train.train(config, full, pipeline=SyntheticPipeline())
   train.train(config, split, pipeline=SyntheticPipeline(), stop_at=10)   # interrupted ...
   assert losses(split) == losses(full)[:10]
+  with open(os.path.join(split, "metrics.jsonl"), "a") as fh:   # logged after the checkpoint,
+    fh.write(json.dumps({"step": 11, "loss": -1.0}) + "\n")     # then lost with the process
   summary = train.train(config, split, pipeline=SyntheticPipeline())   # ... then resume
   assert summary["steps"] == 20
   assert losses(split) == losses(full)
+  steps = [r["step"] for r in read_jsonl(os.path.join(split, "metrics.jsonl")) if "loss" in r]
+  assert steps == sorted(set(steps)), "no step is logged twice"
   # The smoothed loss averages the same steps (the last 10%) as the uninterrupted run's.
   full_summary = json.load(open(os.path.join(full, "summary.json")))
   assert summary["train_loss_smoothed"] == full_summary["train_loss_smoothed"]

@@ -16,18 +16,24 @@ results/tpu_table.jsonl, with the jax and libtpu versions) and is not compiled a
 later run with the same versions and remat: the grid can be run in parts, on several
 hosts (concatenate their caches). `--cached-only` compiles nothing and writes the table of
 the cached cells (any compiler's, named in the header), marking the rest not compiled yet.
+
+`--jobs N` compiles N cells at once in worker processes (libtpu allows several,
+`tpu_compile.libtpu_env`); one compile keeps about two cores busy, so on a host with C
+cores N = C / 2 is a good start. The parent alone writes the cache.
 """
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
 import importlib.metadata
 import json
 import math
+import multiprocessing
 import os
 import sys
 import time
-from typing import Iterator
+from typing import Callable, Iterator
 
 from routing_lm import config as config_lib, tpu_compile
 
@@ -145,6 +151,32 @@ def smallest_fit(row: str, family: str, remat: str, min_chips: int,
   return Cell(note=f"no slice up to {MAX_CHIPS[family]} chips", compile_s=total_s)
 
 
+def fit_cell(row: str, family: str, remat: str, min_chips: int) -> Cell:
+  """`smallest_fit` with its progress printed (a worker process's task under --jobs)."""
+  print(f"{row} on {family}:", flush=True)
+  cell = smallest_fit(row, family, remat, min_chips, log=lambda s: print(s, flush=True))
+  print(f"  -> {row} on {family}: {cell.topology} mesh {cell.mesh} {cell.hbm_gib:.2f} GiB "
+        f"mfu_bound {cell.mfu_bound:.3f} {cell.note} (CPU {cell.compile_s:.0f} s)", flush=True)
+  return cell
+
+
+def fit_cells(todo: list[tuple[str, str]], remat: str, min_chips: int, jobs: int,
+              fit: Callable[[str, str, str, int], Cell] = fit_cell,
+              ) -> Iterator[tuple[tuple[str, str], Cell]]:
+  """((row, family), fit(row, family, remat, min_chips)) for each of `todo`, as each
+  finishes: in this process (jobs=1) or in `jobs` spawned workers (each loads its own
+  libtpu; `fit` must be picklable: a module-level function)."""
+  if jobs <= 1:
+    for key in todo:
+      yield key, fit(*key, remat, min_chips)
+    return
+  ctx = multiprocessing.get_context("spawn")     # jax is not fork-safe
+  with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=ctx) as pool:
+    futures = {pool.submit(fit, *key, remat, min_chips): key for key in todo}
+    for done in concurrent.futures.as_completed(futures):
+      yield futures[done], done.result()
+
+
 def rows(sizes: list[str], experts: list[int], routers: list[str]) -> Iterator[str]:
   for size in sizes:
     for e in experts:
@@ -203,6 +235,8 @@ def main(argv: list[str] | None = None) -> None:
                  help="finished cells (JSON lines), read and appended; '' for none")
   p.add_argument("--cached-only", action="store_true",
                  help="compile nothing: write the table of the cells already in --cache")
+  p.add_argument("--jobs", type=int, default=1,
+                 help="cells compiled at once, each in its own process (see the docstring)")
   a = p.parse_args(argv)
   families = a.families.split(",")
   todo = (a.rows.split(";") if a.rows else
@@ -211,24 +245,21 @@ def main(argv: list[str] | None = None) -> None:
   vers = versions()
   cache = read_cache(a.cache)
   used: list[dict[str, str]] = []          # the compilers of the table's cells
-  results: dict[str, dict[str, Cell]] = {}
+  results: dict[str, dict[str, Cell]] = {row: {} for row in todo}
+  missing = []
   for row in todo:
-    results[row] = {}
     for f in families:
       # --cached-only takes any compiler's newest cell; the table header names them.
       hit = cached_cell(cache, row, f, a.remat, None if a.cached_only else vers)
       if hit or a.cached_only:
         results[row][f] = hit[0] if hit else Cell(note="not compiled yet")
         used += [hit[1]] if hit and hit[1] not in used else []
-        continue
-      print(f"{row} on {f}:", flush=True)
-      cell = smallest_fit(row, f, a.remat, a.min_chips,
-                          log=lambda s: print(s, flush=True))
-      print(f"  -> {cell.topology} mesh {cell.mesh} {cell.hbm_gib:.2f} GiB mfu_bound "
-            f"{cell.mfu_bound:.3f} {cell.note} (CPU {cell.compile_s:.0f} s)", flush=True)
-      append_cache(a.cache, row, f, a.remat, vers, cell)
-      used += [vers] if vers not in used else []
-      results[row][f] = cell
+      else:
+        missing.append((row, f))
+  for (row, f), cell in fit_cells(missing, a.remat, a.min_chips, a.jobs):
+    append_cache(a.cache, row, f, a.remat, vers, cell)
+    used += [vers] if vers not in used else []
+    results[row][f] = cell
   text = markdown(results, families, a.remat, used)
   if a.out:
     with open(a.out, "w") as fh:
